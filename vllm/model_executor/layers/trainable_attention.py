@@ -1,0 +1,348 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""One attention module for training and for vLLM inference.
+
+`TrainableFlashAttention` takes per-head `q, k, v` and returns per-head
+output. Where it runs decides what it does:
+
+* Inside a vLLM forward pass (a vLLM forward context is set), it calls a
+  vLLM `Attention` layer: vLLM's paged KV cache, attention metadata and
+  per-platform backends (FLASH_ATTN FA2/FA3 and the others on CUDA, the CPU
+  backend on the CPU), with prefix caching, chunked prefill and CUDA graphs
+  as vLLM configures them. Input: `[num_tokens, heads, head_dim]`, as vLLM
+  flattens the batch.
+* Anywhere else it is a training op with gradients:
+  - packed variable-length input `[total_tokens, heads, head_dim]` with
+    `cu_seqlens` (int32 `[num_seqs + 1]`, the sequence boundaries), or
+  - padded input `[batch, seq_len, heads, head_dim]`.
+  On CUDA it runs FlashAttention-2 varlen (vLLM's `vllm_flash_attn` when
+  present, else PyTorch's `aten._flash_attention_forward`) with the flash
+  backward kernel (`aten._flash_attention_backward`). On other devices it
+  runs a reference path (SDPA per sequence) with the same numbers.
+
+The vLLM `Attention` layer is created by `bind_to_vllm`, which
+`CallableModelWrapper` calls for every `TrainableFlashAttention` in the
+module a factory returns; that layer has no parameters, so a model trains
+and serves with one definition and loads one checkpoint. Rotary embeddings are
+applied by the model before this module, from explicit positions: vLLM
+passes `positions` to the model's forward, and training code passes
+`position_ids` (per sequence, restarting at 0 after every `cu_seqlens`
+boundary), so both modes see the same rotated q and k.
+"""
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+TrainingBackend = Literal["auto", "flash", "reference"]
+
+
+class TrainableFlashAttention(nn.Module):
+    """Scaled dot-product attention over heads, with GQA/MQA.
+
+    Args:
+        num_heads: query heads (on this tensor-parallel rank).
+        head_dim: size of each head.
+        num_kv_heads: key/value heads (on this rank); defaults to
+            `num_heads`. Must divide `num_heads`.
+        causal: mask future tokens. vLLM inference requires `True`.
+        softmax_scale: defaults to `head_dim ** -0.5`.
+        sliding_window: attend to at most this many tokens, the current
+            one included (`None`: no window).
+        dropout: attention dropout, training path only, when
+            `self.training`.
+        training_backend: "auto" (flash on CUDA, reference elsewhere),
+            "flash" or "reference".
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int | None = None,
+        *,
+        causal: bool = True,
+        softmax_scale: float | None = None,
+        sliding_window: int | None = None,
+        dropout: float = 0.0,
+        training_backend: TrainingBackend = "auto",
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                f"({num_kv_heads}) for grouped-query attention.")
+        if training_backend not in ("auto", "flash", "reference"):
+            raise ValueError(f"training_backend must be 'auto', 'flash' or "
+                             f"'reference', not {training_backend!r}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, not "
+                             f"{sliding_window}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.causal = causal
+        self.softmax_scale = softmax_scale or head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.dropout = dropout
+        self.training_backend = training_backend
+        # The vLLM layer, set by bind_to_vllm. It has no parameters, so the
+        # module loads the same checkpoint in both modes.
+        self.vllm_attention: nn.Module | None = None
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, num_kv_heads="
+                f"{self.num_kv_heads}, head_dim={self.head_dim}, causal="
+                f"{self.causal}, sliding_window={self.sliding_window}")
+
+    # ---------------------------------------------------------------- vLLM
+
+    def bind_to_vllm(self, layer_name: str, cache_config=None) -> None:
+        """Create the vLLM `Attention` layer that serves this module in vLLM
+        forward passes. Must run while vLLM builds the model (the current
+        vLLM config is set); `layer_name` must be unique in the model and
+        hold the layer index, e.g. `model.layers.3.attn`."""
+        from vllm.model_executor.layers.attention import Attention
+
+        if not self.causal:
+            raise ValueError(
+                f"{layer_name}: vLLM serves decoder (causal) attention; "
+                "build TrainableFlashAttention with causal=True.")
+        self.vllm_attention = Attention(
+            num_heads=self.num_heads,
+            head_size=self.head_dim,
+            scale=self.softmax_scale,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            per_layer_sliding_window=self.sliding_window,
+            prefix=layer_name,
+        )
+
+    # -------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        self._check_heads(q, k, v)
+        if self.vllm_attention is not None and _in_vllm_forward():
+            if cu_seqlens is not None or q.dim() != 3:
+                raise ValueError(
+                    "In a vLLM forward pass pass q, k, v as [num_tokens, "
+                    "heads, head_dim] without cu_seqlens: vLLM tracks the "
+                    "sequences itself.")
+            num_tokens = q.shape[0]
+            out = self.vllm_attention(q.reshape(num_tokens, -1),
+                                      k.reshape(num_tokens, -1),
+                                      v.reshape(num_tokens, -1))
+            return out.view(num_tokens, self.num_heads, self.head_dim)
+
+        if q.dim() == 4:  # padded [batch, seq, heads, dim]
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens goes with packed [tokens, heads,"
+                                 " dim] input, not padded 4-D input.")
+            batch, seq_len = q.shape[:2]
+            cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len,
+                                      dtype=torch.int32, device=q.device)
+            out = self.forward(q.flatten(0, 1), k.flatten(0, 1),
+                               v.flatten(0, 1), cu_seqlens, seq_len)
+            return out.view(batch, seq_len, self.num_heads, self.head_dim)
+        if q.dim() != 3:
+            raise ValueError(f"q must be [tokens, heads, head_dim] or [batch,"
+                             f" seq, heads, head_dim], got {tuple(q.shape)}")
+        if cu_seqlens is None:  # one sequence
+            cu_seqlens = torch.tensor([0, q.shape[0]], dtype=torch.int32,
+                                      device=q.device)
+        self._check_cu_seqlens(q, cu_seqlens)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        dropout = self.dropout if self.training else 0.0
+        if self._use_flash(q):
+            return FlashAttentionVarlen.apply(q, k, v, cu_seqlens, max_seqlen,
+                                              self.softmax_scale, self.causal,
+                                              self._window_left(), dropout)
+        _log_backend_once("reference (SDPA per sequence)")
+        return reference_attention(q, k, v, cu_seqlens, self.softmax_scale,
+                                   self.causal, self.sliding_window, dropout)
+
+    def _use_flash(self, q: torch.Tensor) -> bool:
+        if self.training_backend == "reference":
+            return False
+        usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if self.training_backend == "flash" and not usable:
+            raise ValueError(
+                "training_backend='flash' needs fp16/bf16 tensors on a CUDA "
+                f"device, got {q.dtype} on {q.device}; use 'reference' or "
+                "'auto' for other inputs.")
+        return usable
+
+    def _window_left(self) -> int:
+        return -1 if self.sliding_window is None else self.sliding_window - 1
+
+    def _check_heads(self, q, k, v) -> None:
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, "
+                             f"{k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device, got {q.device},"
+                             f" {k.device}, {v.device}")
+        expected = ((self.num_heads, self.head_dim),
+                    (self.num_kv_heads, self.head_dim),
+                    (self.num_kv_heads, self.head_dim))
+        for name, tensor, heads in zip("qkv", (q, k, v), expected):
+            if tuple(tensor.shape[-2:]) != heads:
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)}; expected "
+                    f"[..., {heads[0]} heads, {heads[1]} head_dim] for this "
+                    f"module ({self.extra_repr()}).")
+
+    @staticmethod
+    def _check_cu_seqlens(q: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor, got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at the token count "
+                f"({q.shape[0]}), got {cu_seqlens.tolist()}")
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must not decrease, got "
+                             f"{cu_seqlens.tolist()}")
+
+
+def bind_trainable_attention(model: nn.Module, cache_config=None,
+                             prefix: str = "") -> int:
+    """Bind every unbound `TrainableFlashAttention` in `model` to vLLM,
+    named by its module path under `prefix`. Returns how many were bound."""
+    bound = 0
+    for name, module in model.named_modules():
+        if (isinstance(module, TrainableFlashAttention)
+                and module.vllm_attention is None):
+            path = f"{prefix}.{name}" if prefix else name
+            module.bind_to_vllm(f"{path}.vllm_attention", cache_config)
+            bound += 1
+    return bound
+
+
+def _in_vllm_forward() -> bool:
+    from vllm.forward_context import is_forward_context_available
+    return is_forward_context_available()
+
+
+_logged_backends: set[str] = set()
+
+
+def _log_backend_once(name: str) -> None:
+    if name not in _logged_backends:
+        _logged_backends.add(name)
+        logger.info("TrainableFlashAttention training path: %s", name)
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_attention(q, k, v, cu_seqlens, scale, causal, sliding_window,
+                        dropout=0.0) -> torch.Tensor:
+    """Attention of each packed sequence on its own, through SDPA."""
+    group = q.shape[1] // k.shape[1]
+    outputs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [heads, seq, dim]
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+        mask = _mask(end - start, causal, sliding_window, q.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, scale=scale)
+        outputs.append(out.transpose(0, 1))
+    if not outputs:
+        return q.new_empty(q.shape)
+    return torch.cat(outputs)
+
+
+def _mask(seq_len, causal, sliding_window, device) -> torch.Tensor | None:
+    if not causal and sliding_window is None:
+        return None
+    query = torch.arange(seq_len, device=device)[:, None]
+    key = torch.arange(seq_len, device=device)[None, :]
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= key <= query
+    if sliding_window is not None:
+        allowed &= (query - key).abs() < sliding_window
+    return allowed
+
+
+# -------------------------------------------------------------------- flash
+
+
+def _vllm_flash_varlen():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+class FlashAttentionVarlen(torch.autograd.Function):
+    """FA2 varlen forward and the flash backward kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal,
+                window_left, dropout):
+        vllm_varlen = _vllm_flash_varlen()
+        window_right = 0 if causal else window_left
+        if vllm_varlen is not None and dropout == 0.0:
+            _log_backend_once("FA2 varlen (vllm_flash_attn) + "
+                              "aten._flash_attention_backward")
+            out, lse = vllm_varlen(
+                q, k, v, max_seqlen_q=max_seqlen, cu_seqlens_q=cu_seqlens,
+                max_seqlen_k=max_seqlen, cu_seqlens_k=cu_seqlens,
+                softmax_scale=scale, causal=causal,
+                window_size=(window_left, window_right), fa_version=2,
+                return_softmax_lse=True)
+            seed = offset = torch.empty(0, dtype=torch.int64,
+                                        device=q.device)
+        else:
+            _log_backend_once("FA2 varlen (aten._flash_attention_forward) + "
+                              "aten._flash_attention_backward")
+            out, lse, seed, offset, _ = (
+                torch.ops.aten._flash_attention_forward(
+                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                    dropout, causal, False, scale=scale,
+                    window_size_left=_or_none(window_left),
+                    window_size_right=_or_none(window_right)))
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.args = (max_seqlen, scale, causal, window_left, window_right,
+                    dropout)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
+        max_seqlen, scale, causal, window_left, window_right, dropout = (
+            ctx.args)
+        grad_q, grad_k, grad_v = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens,
+            max_seqlen, max_seqlen, dropout, causal, seed, offset,
+            scale=scale, window_size_left=_or_none(window_left),
+            window_size_right=_or_none(window_right))
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+def _or_none(window: int) -> int | None:
+    return None if window < 0 else window
+

@@ -1,0 +1,242 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Run a module built by a user's factory as a vLLM model.
+
+`ModelRegistry.register_model(arch, factory)` stores
+`CallableModelWrapper.for_factory(arch, factory)`: a vLLM model class whose
+constructor calls `factory(vllm_config, parallel_context)` and whose methods
+delegate to the module the factory returns.
+
+The returned module must have
+
+    forward(input_ids, positions) -> hidden_states   # [num_tokens, hidden]
+    compute_logits(hidden_states) -> logits           # [num_tokens, vocab]
+
+and may have
+
+    embed_input_ids(input_ids) -> embeddings   # needed for inputs_embeds
+    load_weights(weights) -> set[str] | None    # replaces loading by name
+    hf_to_vllm_mapper: WeightsMapper            # renames checkpoint names
+
+Without `load_weights`, checkpoint tensors are loaded by parameter name:
+parameters with a vLLM `weight_loader` (e.g. `ColumnParallelLinear`) shard
+the full tensor themselves, others must match in shape, and every missing,
+unexpected or wrongly shaped name is reported in one error.
+"""
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.trainable_attention import (
+    bind_trainable_attention)
+from vllm.model_executor.parallel_context import ParallelContext
+
+ModelFactory = Callable[[VllmConfig, ParallelContext], nn.Module]
+
+_REQUIRED_METHODS = {
+    "forward": "forward(input_ids, positions) -> hidden_states",
+    "compute_logits": "compute_logits(hidden_states) -> logits",
+}
+
+
+class ModelFactoryError(RuntimeError):
+    """A registered model factory failed or returned an unusable module."""
+
+
+class CallableModelWrapper(nn.Module):
+    """vLLM model interface around the module a factory returns.
+
+    Subclasses made by `for_factory` set `model_factory`; the factory's
+    module is `self.model`, so its parameter `x.weight` is `model.x.weight`
+    to vLLM while checkpoints keep the module's own names.
+    """
+
+    model_factory: ClassVar[ModelFactory]
+    model_arch: ClassVar[str]
+
+    @classmethod
+    def for_factory(cls, model_arch: str,
+                    factory: ModelFactory) -> type["CallableModelWrapper"]:
+        check_factory_signature(model_arch, factory)
+        return type(model_arch, (cls, ), {
+            "model_factory": staticmethod(factory),
+            "model_arch": model_arch,
+            "__module__": cls.__module__,
+            "__qualname__": f"{cls.__qualname__}[{model_arch}]",
+        })
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        parallel_context = ParallelContext.from_vllm_config(vllm_config)
+        factory_name = _describe(self.model_factory)
+        try:
+            model = self.model_factory(vllm_config, parallel_context)
+        except Exception as e:
+            raise ModelFactoryError(
+                f"The model factory {factory_name} registered for "
+                f"'{self.model_arch}' raised {type(e).__name__}: {e}") from e
+        _check_model(self.model_arch, factory_name, model)
+        bind_trainable_attention(model, vllm_config.cache_config,
+                                 prefix=f"{prefix}.model" if prefix else
+                                 "model")
+        self.model = model
+        self.parallel_context = parallel_context
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embed = getattr(self.model, "embed_input_ids", None)
+        if embed is None:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} (model '{self.model_arch}') has "
+                "no embed_input_ids(input_ids) method; add one to use "
+                "inputs_embeds or prompt embeddings.")
+        return embed(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        # Only pass what is set, so a plain forward(input_ids, positions)
+        # is enough for the common case.
+        if intermediate_tensors is not None:
+            kwargs["intermediate_tensors"] = intermediate_tensors
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        return self.model(input_ids, positions, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden_states)
+
+    def load_weights(
+            self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        mapper = getattr(self.model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            weights = mapper.apply(weights)
+        custom_loader = getattr(self.model, "load_weights", None)
+        if custom_loader is not None:
+            loaded = custom_loader(weights)
+            if loaded is None:  # the module loaded everything it has
+                loaded = {name for name, _ in self.model.named_parameters()}
+        else:
+            loaded = load_weights_by_name(self.model, weights,
+                                          model_name=self.model_arch)
+        return {f"model.{name}" for name in loaded}
+
+
+def load_weights_by_name(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    model_name: str = "model",
+) -> set[str]:
+    """Copy each `(name, tensor)` into the parameter or buffer of that name.
+
+    Raises one `ValueError` naming every unexpected, wrongly shaped and
+    missing name; returns the names of the parameters loaded.
+    """
+    # Aliases (tied weights) are accepted under each of their names.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    wrong_shape: list[str] = []
+    with torch.no_grad():
+        for name, tensor in weights:
+            target = params.get(name, buffers.get(name))
+            if target is None:
+                unexpected.append(name)
+                continue
+            weight_loader = getattr(target, "weight_loader", None)
+            if weight_loader is not None:
+                # vLLM's parallel layers take the full tensor and shard it.
+                weight_loader(target, tensor)
+            elif target.shape != tensor.shape:
+                wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}"
+                                   f", model {tuple(target.shape)}")
+                continue
+            else:
+                target.copy_(tensor)
+            loaded.add(name)
+
+    # A parameter is loaded when any of its names was.
+    loaded_ids = {id(params[name]) for name in loaded if name in params}
+    loaded_params = {
+        name for name, param in model.named_parameters()
+        if id(param) in loaded_ids
+    }
+    missing = [
+        name for name, _ in model.named_parameters()
+        if name not in loaded_params
+    ]
+    if unexpected or wrong_shape or missing:
+        problems = []
+        if missing:
+            problems.append(_listing("missing from the checkpoint", missing))
+        if unexpected:
+            problems.append(
+                _listing("in the checkpoint but not in the model",
+                         unexpected))
+        if wrong_shape:
+            problems.append(_listing("with the wrong shape", wrong_shape))
+        raise ValueError(
+            f"Cannot load the checkpoint into {model_name} "
+            f"({type(model).__name__}):\n" + "\n".join(problems) +
+            "\nRename the checkpoint tensors to the module's parameter names "
+            "(set `hf_to_vllm_mapper` on the module) or give the module a "
+            "load_weights(weights) method.")
+    return loaded_params
+
+
+def check_factory_signature(model_arch: str, factory: Callable) -> None:
+    """Fail at registration, not in a worker, if the factory cannot take
+    `(vllm_config, parallel_context)`."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # builtins and some C callables: checked when called
+    try:
+        signature.bind(None, None)
+    except TypeError as e:
+        raise TypeError(
+            f"The model factory {_describe(factory)} for '{model_arch}' must "
+            "accept two positional arguments (vllm_config, parallel_context)"
+            f"; its signature is {signature}: {e}") from None
+
+
+def _check_model(model_arch: str, factory_name: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ModelFactoryError(
+            f"The model factory {factory_name} registered for '{model_arch}' "
+            f"returned {type(model).__name__}, not a torch.nn.Module. Return "
+            "the model instance (e.g. `return MyModel(config)`).")
+    missing = [
+        signature for name, signature in _REQUIRED_METHODS.items()
+        if not callable(getattr(model, name, None))
+    ]
+    if missing:
+        raise ModelFactoryError(
+            f"{type(model).__name__}, returned by the model factory "
+            f"{factory_name} for '{model_arch}', lacks the method(s) vLLM "
+            f"calls: {'; '.join(missing)}. Add them to the module.")
+
+
+def _listing(what: str, names: list[str], limit: int = 20) -> str:
+    shown = "\n".join(f"    {name}" for name in names[:limit])
+    more = f"\n    ... and {len(names) - limit} more" if len(
+        names) > limit else ""
+    return f"  {len(names)} name(s) {what}:\n{shown}{more}"
+
+
+def _describe(factory: Callable) -> str:
+    name = getattr(factory, "__qualname__", None)
+    if name is None:  # functools.partial, callable objects
+        name = type(factory).__qualname__
+    module = getattr(factory, "__module__", None)
+    return f"'{module}.{name}'" if module else f"'{name}'"
