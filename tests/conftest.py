@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+import gc
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Spawned vLLM processes and the registry's inspection subprocess import
+# test modules by name (e.g. "tests.models.tiny_decoder:build_tiny_decoder").
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                   if p])
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
+           [42]]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from tests.models.tiny_decoder import write_checkpoint
+    path = tmp_path_factory.mktemp("tiny_decoder")
+    model = write_checkpoint(path)
+    return path, model
+
+
+def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
+            tensor_parallel_size=1, inspect=None, **kwargs):
+    """Greedy token ids of `prompts` from a real vLLM engine, and the
+    results of `inspect(model)` in each worker when given."""
+    from vllm import LLM, SamplingParams
+    if tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    llm = LLM(model=str(model_dir),
+              hf_overrides={"architectures": [arch]} if arch else None,
+              skip_tokenizer_init=True, dtype="float32",
+              gpu_memory_utilization=0.3, max_model_len=512,
+              tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                           ignore_eos=True, detokenize=False),
+            use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        inspected = llm.apply_model(inspect) if inspect else None
+    finally:
+        del llm
+        gc.collect()
+    return (tokens, inspected) if inspect else tokens
+
+
+@pytest.fixture
+def allow_apply_model(monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()

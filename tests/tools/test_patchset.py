@@ -1,0 +1,114 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""The patch set applies to each base release's Python sources, twice
+without change, reverts to the original bytes, and exports as a series
+that `git am` takes."""
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("patchset",
+                                              REPO / "tools" / "patchset.py")
+patchset = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(patchset)
+
+RELEASES_DIR = REPO / ".cache" / "releases"
+
+
+@pytest.fixture(params=patchset.SUPPORTED_VERSIONS)
+def release_tree(request, tmp_path):
+    """A writable copy of a release's sources (fetched by the README's
+    setup; fetched here if missing)."""
+    source = patchset.fetch(request.param, RELEASES_DIR)
+    tree = tmp_path / f"vllm-{request.param}"
+    shutil.copytree(source / "vllm", tree / "vllm")
+    return tree
+
+
+def snapshot(tree: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(tree)): p.read_bytes()
+            for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+def test_apply_twice_then_revert(release_tree):
+    original = snapshot(release_tree)
+    message = patchset.apply(release_tree)
+    assert message.startswith("applied 5 commits (4 new files, 3 upstream")
+    applied = snapshot(release_tree)
+    assert "already applied" in patchset.apply(release_tree)
+    assert snapshot(release_tree) == applied
+
+    registry = (release_tree /
+                "vllm/model_executor/models/registry.py").read_text()
+    assert "elif callable(model_cls):" in registry
+    assert "| inherited_registrations()" in registry
+    for new_file in ("vllm/model_executor/parallel_context.py",
+                     "vllm/model_executor/models/callable_model.py",
+                     "vllm/model_executor/layers/trainable_attention.py"):
+        assert (release_tree / new_file).read_bytes() == (REPO /
+                                                          new_file).read_bytes()
+
+    patchset.revert(release_tree)
+    assert snapshot(release_tree) == original
+    assert "not patched" in patchset.status(release_tree)
+
+
+def test_develop_mode_links_repository_files(release_tree):
+    patchset.apply(release_tree, develop=True)
+    linked = release_tree / "vllm/model_executor/parallel_context.py"
+    assert linked.is_symlink()
+    assert linked.resolve() == REPO / "vllm/model_executor/parallel_context.py"
+    assert "patched [develop]" in patchset.status(release_tree)
+    patchset.revert(release_tree)
+    assert not linked.exists()
+
+
+def test_unsupported_version_is_refused(release_tree):
+    version_file = release_tree / "vllm" / "_version.py"
+    version_file.write_text(version_file.read_text().replace(
+        "__version__ = version = '0.", "__version__ = version = '9."))
+    with pytest.raises(patchset.PatchError, match="not a supported base "
+                       "release .* pass --force"):
+        patchset.apply(release_tree)
+    assert patchset.read_manifest(release_tree) is None
+
+
+def test_hunk_that_does_not_match_writes_nothing(release_tree):
+    registry = release_tree / "vllm/model_executor/models/registry.py"
+    registry.write_text(registry.read_text().replace(
+        "elif isinstance(model_cls, type) and issubclass(model_cls, nn.Module)"
+        ":", "elif issubclass(model_cls, nn.Module):"))
+    before = snapshot(release_tree)
+    with pytest.raises(patchset.PatchError,
+                       match="hunk 5 of 0003-registry-model-factories.patch "
+                       "does not match"):
+        patchset.apply(release_tree)
+    assert snapshot(release_tree) == before
+
+
+def test_export_is_a_git_am_series(release_tree, tmp_path):
+    out = tmp_path / "series"
+    patchset.export(release_tree, out)
+    patches = sorted(out.glob("*.patch"))
+    assert len(patches) == 5
+    assert "[Model] Accept model factories" in patches[-1].read_text()
+
+    # Replay the series on a fresh git repository of the release.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(release_tree / "vllm", fresh / "vllm")
+    git = ["git", "-C", str(fresh), "-c", "user.name=t", "-c",
+           "user.email=t@localhost"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "base"], check=True)
+    subprocess.run(git + ["am", "-q"] + [str(p) for p in patches], check=True)
+    patched = tmp_path / "patched"
+    shutil.copytree(release_tree / "vllm", patched / "vllm")
+    patchset.apply(patched)
+    for name in ("vllm/model_executor/models/registry.py", "vllm/envs.py"):
+        assert (fresh / name).read_text() == (patched / name).read_text()
