@@ -37,9 +37,10 @@ def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
     from vllm import LLM, SamplingParams
     if tensor_parallel_size > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    kwargs.setdefault("dtype", "float32")
     llm = LLM(model=str(model_dir),
               hf_overrides={"architectures": [arch]} if arch else None,
-              skip_tokenizer_init=True, dtype="float32",
+              skip_tokenizer_init=True,
               gpu_memory_utilization=0.3, max_model_len=512,
               tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
     try:

@@ -142,3 +142,52 @@ def _qkv(heads, kv_heads, head_dim, dtypes=(torch.float32, ) * 3):
     return (torch.randn(5, heads, head_dim, dtype=dtypes[0]),
             torch.randn(5, kv_heads, head_dim, dtype=dtypes[1]),
             torch.randn(5, kv_heads, head_dim, dtype=dtypes[2]))
+
+
+# --------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernels", ["vllm_flash_attn", "aten"])
+@pytest.mark.parametrize("heads,kv_heads,causal,window", CASES)
+def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
+                                                kv_heads, causal, window):
+    from vllm.model_executor.layers import trainable_attention
+    if kernels == "aten":
+        monkeypatch.setattr(trainable_attention, "_vllm_flash_varlen",
+                            lambda: None)
+    elif trainable_attention._vllm_flash_varlen() is None:
+        pytest.skip("vLLM's flash-attn kernels are not installed")
+    lengths = [1, 7, 64, 129, 300]
+    head_dim = 128
+    q, k, v, cu = packed_inputs(lengths, heads, kv_heads, head_dim,
+                                torch.bfloat16, "cuda")
+    attn = TrainableFlashAttention(heads, head_dim, kv_heads, causal=causal,
+                                   sliding_window=window,
+                                   training_backend="flash")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = attn(q, k, v, cu_seqlens=cu)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    # fp32 reference on the same bf16 inputs, and the error bf16 math
+    # itself makes: flash must be no worse than twice that.
+    def reference(dtype):
+        inputs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        ref = trainable_attention.reference_attention(
+            *inputs, cu, head_dim**-0.5, causal, window)
+        ref.backward(grad_out.to(dtype))
+        return ref, [t.grad for t in inputs]
+
+    ref32, grads32 = reference(torch.float32)
+    ref16, grads16 = reference(torch.bfloat16)
+    pairs = [(out, ref16, ref32)] + [
+        (t.grad, g16, g32) for t, g16, g32 in zip((q, k, v), grads16, grads32)
+    ]
+    for name, (got, bf16_ref, ref) in zip(["out", "dq", "dk", "dv"], pairs):
+        flash_err = (got.float() - ref).abs().max().item()
+        bf16_err = (bf16_ref.float() - ref).abs().max().item()
+        print(f"{kernels} {name}: flash {flash_err:.2e} bf16-math "
+              f"{bf16_err:.2e}")
+        assert flash_err <= 2 * bf16_err + 1e-3, name

@@ -4,6 +4,8 @@
 KV cache equal the training-mode forward of the same module on the same
 tokens, and greedy generation equals step-by-step recomputation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -18,15 +20,16 @@ def training_forward(model, prompts):
     """Log-probs at every position of every prompt, all prompts packed into
     one varlen batch, through the training path."""
     lengths = [len(p) for p in prompts]
-    input_ids = torch.tensor([t for p in prompts for t in p])
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(
-        0, dtype=torch.int32)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([t for p in prompts for t in p], device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32,
+                              device=device).cumsum(0, dtype=torch.int32)
     with torch.no_grad():
         hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
         logprobs = torch.log_softmax(model.compute_logits(hidden).double(),
                                      -1)
-    return logprobs.split(lengths)
+    return logprobs.cpu().split(lengths)
 
 
 def greedy_recompute(model, prompt, max_tokens):
@@ -38,11 +41,12 @@ def greedy_recompute(model, prompt, max_tokens):
     return tokens[len(prompt):]
 
 
-def vllm_prompt_logprobs(model_dir, prompts, vocab_size):
+def vllm_prompt_logprobs(model_dir, prompts, vocab_size, **kwargs):
     from vllm import LLM, SamplingParams
+    kwargs.setdefault("dtype", "float32")
     llm = LLM(model=str(model_dir), skip_tokenizer_init=True,
-              dtype="float32", gpu_memory_utilization=0.3, max_model_len=512,
-              max_logprobs=vocab_size, seed=0)
+              gpu_memory_utilization=0.3, max_model_len=512,
+              max_logprobs=vocab_size, seed=0, **kwargs)
     try:
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
@@ -102,3 +106,31 @@ def test_prefix_caching_and_chunked_prefill_keep_tokens(tiny_checkpoint):
                                enable_chunked_prefill=True)
     assert cached == uncached_chunked
     assert cached[0] == cached[3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fa_version", [2, 3])
+def test_cuda_bf16_flash_attn_parity(tiny_checkpoint, fa_version):
+    """bf16 on the GPU with vLLM's FLASH_ATTN backend (FA2 and FA3) against
+    the training path (FA2 varlen) of the same module."""
+    from vllm import ModelRegistry
+    from tests.models.tiny_decoder import build_tiny_decoder
+    path, model = tiny_checkpoint
+    ModelRegistry.register_model(ARCH, build_tiny_decoder)
+    attention_config = {"backend": "FLASH_ATTN",
+                        "flash_attn_version": fa_version}
+    vocab = model.lm_head.out_features
+    served = vllm_prompt_logprobs(path, PROMPTS, vocab, dtype="bfloat16",
+                                  attention_config=attention_config)
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    trained = training_forward(model, [p for p in PROMPTS])
+    worst = max((got - want[:-1].cpu()).abs().max().item()
+                for got, want in zip(served, trained) if len(got))
+    generated = run_llm(path, ARCH, prompts=PROMPTS, max_tokens=32,
+                        dtype="bfloat16", attention_config=attention_config)
+    expected = [greedy_recompute(model, p, 32) for p in PROMPTS]
+    same = sum(g == e for g, e in zip(generated, expected))
+    print(f"FA{fa_version}: max |logprob diff| {worst:.3e}; greedy "
+          f"sequences identical {same}/{len(PROMPTS)}")
+    assert worst < 0.1
+    assert same >= len(PROMPTS) - 1

@@ -1,0 +1,26 @@
+#!/bin/bash
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+# GPU suite on a machine where vLLM 0.26.0 lives in /tmp/site (the device
+# kit, ../shared/device-kit). Applies the patch set there, runs the CUDA
+# tests and benchmarks named in $@ (default: all), logs under $OUT.
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-test .whl/*.whl
+  export PYTHONPATH=/tmp/site:/tmp/site-test
+fi
+python3 tools/patchset.py apply --target /tmp/site || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+steps=${*:-kernels engine bench_attention}
+for step in $steps; do
+  echo "=== $step"
+  case $step in
+    kernels) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_trainable_attention.py -k cuda 2>&1 | tail -60 > "$OUT/kernels.log" ;;
+    engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_trainable_attention_engine.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
+    bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
+    *) timeout 500 bash -c "$step" > "$OUT/$(echo "$step" | tr -c 'a-zA-Z0-9' _ | cut -c1-40).log" 2>&1 ;;
+  esac
+  tail -25 "$OUT"/*.log | tail -40
+done
