@@ -17,8 +17,8 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
 
 
 def training_forward(model, prompts):
-    """Log-probs at every position of every prompt, all prompts packed into
-    one varlen batch, through the training path."""
+    """Logits (float64) at every position of every prompt, all prompts
+    packed into one varlen batch, through the training path."""
     lengths = [len(p) for p in prompts]
     device = next(model.parameters()).device
     input_ids = torch.tensor([t for p in prompts for t in p], device=device)
@@ -27,26 +27,27 @@ def training_forward(model, prompts):
                               device=device).cumsum(0, dtype=torch.int32)
     with torch.no_grad():
         hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
-        logprobs = torch.log_softmax(model.compute_logits(hidden).double(),
-                                     -1)
-    return logprobs.cpu().split(lengths)
+        logits = model.compute_logits(hidden).double()
+    return logits.cpu().split(lengths)
 
 
 def greedy_recompute(model, prompt, max_tokens):
     """Greedy decoding by re-running the whole sequence each step."""
     tokens = list(prompt)
     for _ in range(max_tokens):
-        logprobs = training_forward(model, [tokens])[0]
-        tokens.append(int(logprobs[-1].argmax()))
+        logits = training_forward(model, [tokens])[0]
+        tokens.append(int(logits[-1].argmax()))
     return tokens[len(prompt):]
 
 
-def vllm_prompt_logprobs(model_dir, prompts, vocab_size, **kwargs):
+def vllm_prompt_logits(model_dir, prompts, vocab_size, **kwargs):
+    """The raw logits vLLM computes for every prompt position."""
     from vllm import LLM, SamplingParams
     kwargs.setdefault("dtype", "float32")
     llm = LLM(model=str(model_dir), skip_tokenizer_init=True,
               gpu_memory_utilization=0.3, max_model_len=512,
-              max_logprobs=vocab_size, seed=0, **kwargs)
+              max_logprobs=vocab_size, logprobs_mode="raw_logits", seed=0,
+              **kwargs)
     try:
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
@@ -56,7 +57,7 @@ def vllm_prompt_logprobs(model_dir, prompts, vocab_size, **kwargs):
         del llm
     result = []
     for prompt, output in zip(prompts, outputs):
-        # position i holds log p(prompt[i] | prompt[:i]); position 0 is None
+        # entry i scores prompt[i] given prompt[:i]; entry 0 is None
         rows = []
         for entry in output.prompt_logprobs[1:]:
             row = torch.full((vocab_size, ), float("nan"), dtype=torch.float64)
@@ -74,7 +75,7 @@ def test_prefill_logits_equal_training_forward(tiny_checkpoint):
     path, model = tiny_checkpoint
     ModelRegistry.register_model(ARCH, build_tiny_decoder)
     vocab = model.lm_head.out_features
-    served = vllm_prompt_logprobs(path, PROMPTS, vocab)
+    served = vllm_prompt_logits(path, PROMPTS, vocab)
     trained = training_forward(model, PROMPTS)
     for got, want in zip(served, trained):
         # vLLM's row i is the distribution after prompt[:i+1]
@@ -120,7 +121,7 @@ def test_cuda_bf16_flash_attn_parity(tiny_checkpoint, fa_version):
     attention_config = {"backend": "FLASH_ATTN",
                         "flash_attn_version": fa_version}
     vocab = model.lm_head.out_features
-    served = vllm_prompt_logprobs(path, PROMPTS, vocab, dtype="bfloat16",
+    served = vllm_prompt_logits(path, PROMPTS, vocab, dtype="bfloat16",
                                   attention_config=attention_config)
     model = copy.deepcopy(model).to("cuda", torch.bfloat16)
     trained = training_forward(model, [p for p in PROMPTS])
@@ -130,7 +131,7 @@ def test_cuda_bf16_flash_attn_parity(tiny_checkpoint, fa_version):
                         dtype="bfloat16", attention_config=attention_config)
     expected = [greedy_recompute(model, p, 32) for p in PROMPTS]
     same = sum(g == e for g, e in zip(generated, expected))
-    print(f"FA{fa_version}: max |logprob diff| {worst:.3e}; greedy "
+    print(f"FA{fa_version}: max |logit diff| {worst:.3e}; greedy "
           f"sequences identical {same}/{len(PROMPTS)}")
     assert worst < 0.1
     assert same >= len(PROMPTS) - 1

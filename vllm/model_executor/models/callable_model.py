@@ -127,7 +127,8 @@ class CallableModelWrapper(nn.Module):
                 loaded = {name for name, _ in self.model.named_parameters()}
         else:
             loaded = load_weights_by_name(self.model, weights,
-                                          model_name=self.model_arch)
+                                          model_name=self.model_arch,
+                                          parallel_context=self.parallel_context)
         return {f"model.{name}" for name in loaded}
 
 
@@ -135,11 +136,15 @@ def load_weights_by_name(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
     model_name: str = "model",
+    parallel_context: ParallelContext | None = None,
 ) -> set[str]:
     """Copy each `(name, tensor)` into the parameter or buffer of that name.
 
-    Raises one `ValueError` naming every unexpected, wrongly shaped and
-    missing name; returns the names of the parameters loaded.
+    Full (unsharded) tensors are cut to the local shard for parameters
+    with a vLLM `weight_loader` and for Megatron-core tensor-parallel
+    parameters (`tensor_model_parallel`, `partition_dim`). Raises one
+    `ValueError` naming every unexpected, wrongly shaped and missing name;
+    returns the names of the parameters loaded.
     """
     # Aliases (tied weights) are accepted under each of their names.
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -157,12 +162,16 @@ def load_weights_by_name(
             if weight_loader is not None:
                 # vLLM's parallel layers take the full tensor and shard it.
                 weight_loader(target, tensor)
-            elif target.shape != tensor.shape:
+                loaded.add(name)
+                continue
+            if getattr(target, "tensor_model_parallel", False):
+                tensor = _megatron_shard(name, target, tensor,
+                                         parallel_context)
+            if target.shape != tensor.shape:
                 wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}"
                                    f", model {tuple(target.shape)}")
                 continue
-            else:
-                target.copy_(tensor)
+            target.copy_(tensor)
             loaded.add(name)
 
     # A parameter is loaded when any of its names was.
@@ -192,6 +201,26 @@ def load_weights_by_name(
             "(set `hf_to_vllm_mapper` on the module) or give the module a "
             "load_weights(weights) method.")
     return loaded_params
+
+
+def _megatron_shard(name: str, param: torch.Tensor, full: torch.Tensor,
+                    parallel_context: ParallelContext | None) -> torch.Tensor:
+    """This rank's slice of a full tensor for a Megatron-core TP param."""
+    tp_size = parallel_context.tp_size if parallel_context else 1
+    if tp_size == 1 or full.shape == param.shape:
+        return full
+    dim = param.partition_dim
+    if getattr(param, "partition_stride", 1) != 1:
+        raise ValueError(
+            f"{name}: Megatron partition_stride "
+            f"{param.partition_stride} is not supported by loading by name; "
+            "give the module a load_weights(weights) method.")
+    if full.shape[dim] % tp_size:
+        raise ValueError(
+            f"{name}: dimension {dim} of the checkpoint tensor "
+            f"{tuple(full.shape)} does not split over tensor_parallel_size "
+            f"{tp_size}.")
+    return full.chunk(tp_size, dim)[parallel_context.tp_rank]
 
 
 def check_factory_signature(model_arch: str, factory: Callable) -> None:

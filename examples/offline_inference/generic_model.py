@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Train a model written in plain PyTorch, then generate with it in vLLM.
+
+The model below is ordinary training code (nanoGPT-sized). It uses
+`TrainableFlashAttention`, so the same module trains on packed sequences
+and, inside vLLM, runs on vLLM's paged KV cache. It is registered with a
+lambda under `if __name__ == "__main__":`; the registration reaches vLLM's
+spawn-started engine and worker processes.
+
+    python examples/offline_inference/generic_model.py [--tensor-parallel-size 2]
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from vllm import LLM, ModelRegistry, SamplingParams
+from vllm.model_executor.layers import TrainableFlashAttention
+
+TEXT = ("vLLM runs the model you trained. One definition serves the trainer "
+        "and the engine, so the numbers agree and the weights move freely. ")
+
+
+def rotary(x, positions, theta=10000.0):
+    half = x.shape[-1] // 2
+    freqs = theta**(-torch.arange(half, device=x.device) / half)
+    angles = positions[:, None].float() * freqs
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+class Block(nn.Module):
+
+    def __init__(self, dim, heads, head_dim):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
+        self.proj = nn.Linear(heads * head_dim, dim, bias=False)
+        self.attn = TrainableFlashAttention(heads, head_dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(),
+                                 nn.Linear(4 * dim, dim))
+
+    def forward(self, x, positions, cu_seqlens=None):
+        q, k, v = self.qkv(self.norm1(x)).view(-1, 3, self.heads,
+                                               self.head_dim).unbind(1)
+        q, k = rotary(q, positions), rotary(k, positions)
+        x = x + self.proj(self.attn(q, k, v, cu_seqlens).flatten(1))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyGPT(nn.Module):
+    """Tokens in, hidden states out; `compute_logits` maps them to logits."""
+
+    def __init__(self, vocab_size, dim=128, layers=2, heads=2, head_dim=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, head_dim) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, cu_seqlens=None):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, positions, cu_seqlens)
+        return self.norm(x)
+
+    def compute_logits(self, hidden_states):
+        return self.lm_head(hidden_states)
+
+
+def build_tokenizer(path: Path):
+    """A byte-level BPE tokenizer made here (no model hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        [TEXT] * 10, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}))
+    return tokenizer
+
+
+def train(model, token_ids, steps=150):
+    """Next-token training on packed windows of the text."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    window, batch = 32, 8
+    data = torch.tensor(token_ids)
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - window - 1, (batch, ))
+        inputs = torch.cat([data[s:s + window] for s in starts])
+        targets = torch.cat([data[s + 1:s + window + 1] for s in starts])
+        positions = torch.arange(window).repeat(batch)
+        cu_seqlens = torch.arange(0, (batch + 1) * window, window,
+                                  dtype=torch.int32)
+        logits = model.compute_logits(model(inputs, positions, cu_seqlens))
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:3d}  loss {loss.item():.3f}")
+
+
+def save_checkpoint(model, path: Path, vocab_size):
+    config = {"architectures": ["TinyGPT"], "model_type": "gpt2",
+              "vocab_size": vocab_size, "n_embd": 128, "n_layer": 2,
+              "n_head": 2, "n_positions": 256, "torch_dtype": "float32"}
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(model.state_dict(), str(path / "model.safetensors"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    checkpoint = Path(tempfile.mkdtemp(prefix="tinygpt-"))
+
+    tokenizer = build_tokenizer(checkpoint)
+    vocab_size = tokenizer.get_vocab_size()
+    model = TinyGPT(vocab_size)
+    train(model, tokenizer.encode(TEXT * 20).ids)
+    save_checkpoint(model, checkpoint, vocab_size)
+
+    # The factory receives (vllm_config, parallel_context); this model is
+    # small and unsharded, so it only needs the vocabulary size.
+    ModelRegistry.register_model(
+        "TinyGPT", lambda vllm_config, parallel_context: TinyGPT(
+            vllm_config.model_config.hf_config.vocab_size))
+
+    llm = LLM(model=str(checkpoint), dtype="float32", max_model_len=256,
+              gpu_memory_utilization=0.3,
+              tensor_parallel_size=args.tensor_parallel_size)
+    prompts = ["vLLM runs the", "One definition serves", "the weights"]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0,
+                                                   max_tokens=24))
+    for output in outputs:
+        print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
+
+
+if __name__ == "__main__":
+    main()
