@@ -152,6 +152,7 @@ def load_weights_by_name(
     loaded: set[str] = set()
     unexpected: list[str] = []
     wrong_shape: list[str] = []
+    mismatched: set[str] = set()
     with torch.no_grad():
         for name, tensor in weights:
             target = params.get(name, buffers.get(name))
@@ -161,7 +162,15 @@ def load_weights_by_name(
             weight_loader = getattr(target, "weight_loader", None)
             if weight_loader is not None:
                 # vLLM's parallel layers take the full tensor and shard it.
-                weight_loader(target, tensor)
+                try:
+                    weight_loader(target, tensor)
+                except (RuntimeError, ValueError, AssertionError) as e:
+                    wrong_shape.append(
+                        f"{name}: checkpoint {tuple(tensor.shape)}, model "
+                        f"shard {tuple(target.shape)} ({type(e).__name__}: "
+                        f"{e})")
+                    mismatched.add(name)
+                    continue
                 loaded.add(name)
                 continue
             if getattr(target, "tensor_model_parallel", False):
@@ -170,6 +179,7 @@ def load_weights_by_name(
             if target.shape != tensor.shape:
                 wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}"
                                    f", model {tuple(target.shape)}")
+                mismatched.add(name)
                 continue
             target.copy_(tensor)
             loaded.add(name)
@@ -182,7 +192,7 @@ def load_weights_by_name(
     }
     missing = [
         name for name, _ in model.named_parameters()
-        if name not in loaded_params
+        if name not in loaded_params and name not in mismatched
     ]
     if unexpected or wrong_shape or missing:
         problems = []
