@@ -3,7 +3,9 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 # GPU suite on a machine where vLLM 0.26.0 lives in /tmp/site (the device
 # kit, ../shared/device-kit). Applies the patch set there, runs the CUDA
-# tests and benchmarks named in $@ (default: all), logs under $OUT.
+# tests and benchmarks named as arguments (default: kernels engine
+# bench_attention; any other argument is run as a shell command), logs
+# under $OUT.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,8 +15,8 @@ if [ -d .whl ]; then
 fi
 python3 tools/patchset.py apply --target /tmp/site || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-steps=${*:-kernels engine bench_attention}
-for step in $steps; do
+[ $# -gt 0 ] || set -- kernels engine bench_attention
+for step in "$@"; do
   echo "=== $step"
   case $step in
     kernels) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_trainable_attention.py -k cuda 2>&1 | tail -60 > "$OUT/kernels.log" ;;

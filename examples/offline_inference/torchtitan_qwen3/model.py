@@ -108,13 +108,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def apply_rope(x, positions, theta):
+def rope_cos_sin(positions, head_dim, theta):
+    """cos and sin `[tokens, 1, head_dim // 2]` of the rotary angles, once
+    per forward for all layers (TorchTitan precomputes them likewise)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / theta**(torch.arange(
+        0, half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x, cos, sin):
     """Rotary embedding, rotate-half layout (as Qwen3 checkpoints expect)."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta**(torch.arange(
-        0, half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin),
                      -1).to(x.dtype)
@@ -129,7 +135,6 @@ class Attention(nn.Module):
         self.n_kv_heads = pc.shard_size(config.num_key_value_heads,
                                         "num_key_value_heads")
         self.head_dim = config.head_dim
-        self.rope_theta = config.rope_theta
         dim, hd = config.hidden_size, config.head_dim
         self.wq = ColumnShard(dim, config.num_attention_heads * hd, pc)
         self.wk = ColumnShard(dim, config.num_key_value_heads * hd, pc)
@@ -140,14 +145,13 @@ class Attention(nn.Module):
         self.inner_attention = TrainableFlashAttention(
             self.n_heads, hd, self.n_kv_heads)
 
-    def forward(self, x, positions, cu_seqlens=None):
+    def forward(self, x, rope, cu_seqlens=None):
         tokens = x.shape[0]
         q = self.q_norm(self.wq(x).view(tokens, self.n_heads, self.head_dim))
         k = self.k_norm(self.wk(x).view(tokens, self.n_kv_heads,
                                         self.head_dim))
         v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.inner_attention(q, k, v, cu_seqlens=cu_seqlens)
         return self.wo(out.reshape(tokens, -1))
 
@@ -175,8 +179,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config, pc)
 
-    def forward(self, x, positions, cu_seqlens=None):
-        x = x + self.attention(self.attention_norm(x), positions, cu_seqlens)
+    def forward(self, x, rope, cu_seqlens=None):
+        x = x + self.attention(self.attention_norm(x), rope, cu_seqlens)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -221,8 +225,10 @@ class Qwen3Model(nn.Module):
                 inputs_embeds=None):
         h = (inputs_embeds if inputs_embeds is not None else
              self.tok_embeddings(input_ids))
+        rope = rope_cos_sin(positions, self.config.head_dim,
+                            self.config.rope_theta)
         for layer in self.layers:
-            h = layer(h, positions, cu_seqlens)
+            h = layer(h, rope, cu_seqlens)
         return self.norm(h)
 
     def compute_logits(self, hidden_states):
@@ -279,6 +285,11 @@ def build_qwen3(vllm_config, parallel_context) -> Qwen3Model:
     """The factory registered with vLLM."""
     config = Qwen3Config.from_hf(vllm_config.model_config.hf_config)
     return Qwen3Model(config, parallel_context)
+
+
+# Qwen3Model traces whole under Dynamo: let vLLM compile it (and capture
+# CUDA graphs) like its own models.
+build_qwen3.supports_torch_compile = True
 
 
 def register() -> None:

@@ -235,6 +235,8 @@ def bind_trainable_attention(model: nn.Module, cache_config=None,
 
 
 def _in_vllm_forward() -> bool:
+    # Imported here: vllm.forward_context imports vllm.config, which must
+    # not be a dependency of importing this layer.
     from vllm.forward_context import is_forward_context_available
     return is_forward_context_available()
 

@@ -62,13 +62,29 @@ class CallableModelWrapper(nn.Module):
     @classmethod
     def for_factory(cls, model_arch: str,
                     factory: ModelFactory) -> type["CallableModelWrapper"]:
+        """The wrapper class for `factory`. A factory whose attribute
+        `supports_torch_compile` is true builds modules Dynamo can trace
+        whole (fullgraph); vLLM then compiles them and, on CUDA, captures
+        piecewise CUDA graphs, as for its own models."""
+        if not callable(factory):
+            raise TypeError(f"The model factory for '{model_arch}' must be "
+                            f"callable, got {type(factory).__name__}")
         check_factory_signature(model_arch, factory)
-        return type(model_arch, (cls, ), {
+        wrapper = type(model_arch, (cls, ), {
             "model_factory": staticmethod(factory),
             "model_arch": model_arch,
             "__module__": cls.__module__,
             "__qualname__": f"{cls.__qualname__}[{model_arch}]",
         })
+        if getattr(factory, "supports_torch_compile", False):
+            from vllm.compilation.decorators import support_torch_compile
+            wrapper = support_torch_compile(dynamic_arg_dims={
+                "input_ids": 0,
+                "positions": -1,
+                "intermediate_tensors": 0,
+                "inputs_embeds": 0,
+            })(wrapper)
+        return wrapper
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
