@@ -30,6 +30,19 @@ def tiny_checkpoint(tmp_path_factory):
     return path, model
 
 
+# Each engine reserves this fraction of the machine's memory for its KV
+# cache on the CPU; small, so engines of consecutive tests fit side by side.
+MEMORY_FRACTION = 0.1
+
+
+def shutdown_llm(llm) -> None:
+    """Stop the engine's processes now: `del llm` leaves that to garbage
+    collection, and a later test's engine may start before they are gone."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
 def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
             tensor_parallel_size=1, inspect=None, **kwargs):
     """Greedy token ids of `prompts` from a real vLLM engine, and the
@@ -41,7 +54,7 @@ def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
     llm = LLM(model=str(model_dir),
               hf_overrides={"architectures": [arch]} if arch else None,
               skip_tokenizer_init=True,
-              gpu_memory_utilization=0.3, max_model_len=512,
+              gpu_memory_utilization=MEMORY_FRACTION, max_model_len=512,
               tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
     try:
         outputs = llm.generate(
@@ -52,8 +65,7 @@ def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         inspected = llm.apply_model(inspect) if inspect else None
     finally:
-        del llm
-        gc.collect()
+        shutdown_llm(llm)
     return (tokens, inspected) if inspect else tokens
 
 

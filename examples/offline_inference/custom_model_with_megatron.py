@@ -38,7 +38,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (ColumnParallelLinear,
                                            RowParallelLinear,
                                            VocabParallelEmbedding)
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vllm import LLM, ModelRegistry, SamplingParams
@@ -229,6 +229,30 @@ def reference_greedy(model, prompt, max_tokens, device):
     return tokens[len(prompt):]
 
 
+def pretrain(model, device, steps):
+    """Teach the model "next token = this token + 1 (mod vocab)", so its
+    predictions are decisive. A random model's next-token distributions are
+    nearly flat, and bf16 rounding, which differs between TP=1 and a TP=2
+    all-reduce, would flip its near-ties: no test of anything."""
+    torch.manual_seed(2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    lengths = [64] * 8
+    for _ in range(steps):
+        starts = torch.randint(0, DecoderConfig.vocab_size, (len(lengths), ))
+        tokens = (starts[:, None] + torch.arange(65)) % DecoderConfig.vocab_size
+        input_ids, targets = tokens[:, :-1].flatten(), tokens[:, 1:].flatten()
+        positions = torch.arange(64).repeat(len(lengths))
+        cu_seqlens = torch.arange(0, 64 * 8 + 1, 64, dtype=torch.int32)
+        logits = model.compute_logits(
+            model(input_ids.to(device), positions.to(device),
+                  cu_seqlens.to(device)))
+        loss = nn.functional.cross_entropy(logits.float(), targets.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 def training_step(model, device):
     """One AdamW step on a packed batch; returns the loss before/after."""
     torch.manual_seed(1)
@@ -260,6 +284,7 @@ def run_reference(config, prompts, max_tokens, dtype, device, workdir):
                                            device=torch.device(device))
         torch.manual_seed(0)
         model = MegatronDecoder(config, parallel_context).to(device)
+        pretrain(model, device, steps=150)
         checkpoint = workdir / "checkpoint"
         checkpoint.mkdir()
         save_file({name: param.detach().contiguous().cpu()

@@ -13,6 +13,7 @@ spawn-started engine and worker processes.
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def train(model, token_ids, steps=150):
 def save_checkpoint(model, path: Path, vocab_size):
     config = {"architectures": ["TinyGPT"], "model_type": "gpt2",
               "vocab_size": vocab_size, "n_embd": 128, "n_layer": 2,
-              "n_head": 2, "n_positions": 256, "torch_dtype": "float32"}
+              "n_head": 2, "n_positions": 256, "torch_dtype": "float32",
+              "bos_token_id": 0, "eos_token_id": 0}  # "<eos>"
     (path / "config.json").write_text(json.dumps(config))
     save_file(model.state_dict(), str(path / "model.safetensors"))
 
@@ -128,6 +130,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
+    if args.tensor_parallel_size > 1 and not torch.cuda.is_available():
+        # vLLM's CPU workers each need their own cores
+        os.environ.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND",
+            "|".join(map(str, range(args.tensor_parallel_size))))
     torch.manual_seed(0)
     checkpoint = Path(tempfile.mkdtemp(prefix="tinygpt-"))
 

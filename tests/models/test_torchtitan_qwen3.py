@@ -4,7 +4,6 @@
 name mapping, training, and parity with vLLM's native Qwen3ForCausalLM."""
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -22,7 +21,6 @@ from checkpoint import prepare_model_dir  # noqa: E402
 from model import (ARCH, TORCHTITAN_TO_HF, Qwen3Config,  # noqa: E402
                    Qwen3Model, register)
 
-from tests.conftest import run_llm  # noqa: E402
 
 SMALL = Qwen3Config(vocab_size=384, hidden_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2,
@@ -109,30 +107,22 @@ def test_formats_convert_to_the_same_tensors(checkpoints):
     assert prepare_model_dir(dirs["safetensors"]) == dirs["safetensors"]
 
 
-def prompt_logits(model_dir, tp=1):
-    from tests.models.test_trainable_attention_engine import (
-        vllm_prompt_logits)
-    if tp > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    return vllm_prompt_logits(model_dir, PROMPTS, SMALL.vocab_size,
-                              tensor_parallel_size=tp)
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 def test_parity_with_native_qwen3(checkpoints, tp):
+    from tests.models.test_trainable_attention_engine import (
+        training_forward, vllm_logits_and_tokens)
     model, dirs = checkpoints
     register()
-    ours = prompt_logits(prepare_model_dir(dirs["dcp"]), tp)
-    native = prompt_logits(dirs["native"], tp)
+    ours, ours_tokens = vllm_logits_and_tokens(
+        prepare_model_dir(dirs["dcp"]), PROMPTS, SMALL.vocab_size,
+        tensor_parallel_size=tp)
+    native, native_tokens = vllm_logits_and_tokens(
+        dirs["native"], PROMPTS, SMALL.vocab_size, tensor_parallel_size=tp)
     for got, want in zip(ours, native):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    ours_tokens = run_llm(prepare_model_dir(dirs["dcp"]), prompts=PROMPTS,
-                          max_tokens=32, tensor_parallel_size=tp)
-    native_tokens = run_llm(dirs["native"], prompts=PROMPTS, max_tokens=32,
-                            tensor_parallel_size=tp)
     assert ours_tokens == native_tokens
+    assert all(len(tokens) == 32 for tokens in ours_tokens)
     # and both agree with the training-mode forward of the module itself
-    from tests.models.test_trainable_attention_engine import training_forward
     for got, want in zip(ours, training_forward(model, PROMPTS)):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
 

@@ -5,11 +5,12 @@ KV cache equal the training-mode forward of the same module on the same
 tokens, and greedy generation equals step-by-step recomputation."""
 
 import copy
+import os
 
 import pytest
 import torch
 
-from tests.conftest import run_llm
+from tests.conftest import MEMORY_FRACTION, run_llm, shutdown_llm
 from tests.models.tiny_decoder import ARCH
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
@@ -40,23 +41,28 @@ def greedy_recompute(model, prompt, max_tokens):
     return tokens[len(prompt):]
 
 
-def vllm_prompt_logits(model_dir, prompts, vocab_size, **kwargs):
-    """The raw logits vLLM computes for every prompt position."""
+def vllm_logits_and_tokens(model_dir, prompts, vocab_size, max_tokens=32,
+                           **kwargs):
+    """From one real engine: the raw logits vLLM computes at every prompt
+    position, and greedy continuations of `max_tokens` tokens."""
     from vllm import LLM, SamplingParams
     kwargs.setdefault("dtype", "float32")
+    if kwargs.get("tensor_parallel_size", 1) > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     llm = LLM(model=str(model_dir), skip_tokenizer_init=True,
-              gpu_memory_utilization=0.3, max_model_len=512,
+              gpu_memory_utilization=MEMORY_FRACTION, max_model_len=512,
               max_logprobs=vocab_size, logprobs_mode="raw_logits", seed=0,
               **kwargs)
     try:
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(max_tokens=1, prompt_logprobs=vocab_size,
+            SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                           ignore_eos=True, prompt_logprobs=vocab_size,
                            detokenize=False), use_tqdm=False)
     finally:
-        del llm
-    result = []
-    for prompt, output in zip(prompts, outputs):
+        shutdown_llm(llm)
+    logits = []
+    for output in outputs:
         # entry i scores prompt[i] given prompt[:i]; entry 0 is None
         rows = []
         for entry in output.prompt_logprobs[1:]:
@@ -64,32 +70,33 @@ def vllm_prompt_logits(model_dir, prompts, vocab_size, **kwargs):
             for token, logprob in entry.items():
                 row[token] = logprob.logprob
             rows.append(row)
-        result.append(torch.stack(rows) if rows else torch.empty(
+        logits.append(torch.stack(rows) if rows else torch.empty(
             0, vocab_size, dtype=torch.float64))
-    return result
+    return logits, [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def test_prefill_logits_equal_training_forward(tiny_checkpoint):
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
     from vllm import ModelRegistry
     from tests.models.tiny_decoder import build_tiny_decoder
     path, model = tiny_checkpoint
     ModelRegistry.register_model(ARCH, build_tiny_decoder)
-    vocab = model.lm_head.out_features
-    served = vllm_prompt_logits(path, PROMPTS, vocab)
+    return vllm_logits_and_tokens(path, PROMPTS, model.lm_head.out_features)
+
+
+def test_prefill_logits_equal_training_forward(tiny_checkpoint, served):
+    _, model = tiny_checkpoint
+    logits, _ = served
     trained = training_forward(model, PROMPTS)
-    for got, want in zip(served, trained):
+    for got, want in zip(logits, trained):
         # vLLM's row i is the distribution after prompt[:i+1]
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_equals_recomputation(tiny_checkpoint):
-    from vllm import ModelRegistry
-    from tests.models.tiny_decoder import build_tiny_decoder
-    path, model = tiny_checkpoint
-    ModelRegistry.register_model(ARCH, build_tiny_decoder)
-    generated = run_llm(path, ARCH, prompts=PROMPTS, max_tokens=32)
-    expected = [greedy_recompute(model, p, 32) for p in PROMPTS]
-    assert generated == expected
+def test_greedy_generation_equals_recomputation(tiny_checkpoint, served):
+    _, model = tiny_checkpoint
+    _, generated = served
+    assert generated == [greedy_recompute(model, p, 32) for p in PROMPTS]
 
 
 def test_prefix_caching_and_chunked_prefill_keep_tokens(tiny_checkpoint):
@@ -120,15 +127,13 @@ def test_cuda_bf16_flash_attn_parity(tiny_checkpoint, fa_version):
     ModelRegistry.register_model(ARCH, build_tiny_decoder)
     attention_config = {"backend": "FLASH_ATTN",
                         "flash_attn_version": fa_version}
-    vocab = model.lm_head.out_features
-    served = vllm_prompt_logits(path, PROMPTS, vocab, dtype="bfloat16",
-                                  attention_config=attention_config)
+    logits, generated = vllm_logits_and_tokens(
+        path, PROMPTS, model.lm_head.out_features, dtype="bfloat16",
+        attention_config=attention_config)
     model = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    trained = training_forward(model, [p for p in PROMPTS])
-    worst = max((got - want[:-1].cpu()).abs().max().item()
-                for got, want in zip(served, trained) if len(got))
-    generated = run_llm(path, ARCH, prompts=PROMPTS, max_tokens=32,
-                        dtype="bfloat16", attention_config=attention_config)
+    trained = training_forward(model, PROMPTS)
+    worst = max((got - want[:-1]).abs().max().item()
+                for got, want in zip(logits, trained) if len(got))
     expected = [greedy_recompute(model, p, 32) for p in PROMPTS]
     same = sum(g == e for g, e in zip(generated, expected))
     print(f"FA{fa_version}: max |logit diff| {worst:.3e}; greedy "

@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""The README's demo: a model registered with a lambda under
+`if __name__ == "__main__":` reaches vLLM's spawned engine core and, at
+TP=2, both spawned workers; it trains, then generates the text it learnt."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = (Path(__file__).resolve().parents[2] /
+           "examples/offline_inference/generic_model.py")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_demo_registers_under_main_and_generates(tp):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--tensor-parallel-size", str(tp)],
+        capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    losses = [float(line.split()[-1]) for line in result.stdout.splitlines()
+              if line.startswith("step")]
+    assert losses[-1] < losses[0] / 2
+    completions = dict(
+        line.split(" -> ", 1) for line in result.stdout.splitlines()
+        if " -> " in line)
+    assert set(completions) == {"'vLLM runs the'", "'One definition serves'",
+                                "'the weights'"}
+    # trained on one sentence: greedy decoding continues it
+    assert "model you trained" in completions["'vLLM runs the'"]
