@@ -140,3 +140,23 @@ def test_cuda_bf16_flash_attn_parity(tiny_checkpoint, fa_version):
           f"sequences identical {same}/{len(PROMPTS)}")
     assert worst < 0.1
     assert same >= len(PROMPTS) - 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU backend limits")
+def test_unsupported_head_dim_is_named(tmp_path, capfd):
+    """The CPU attention backend has no kernel for head_dim 16: the error
+    names the layer, the head size and what the backend supports."""
+    from vllm import ModelRegistry
+    from tests.models.tiny_decoder import (TinyConfig, build_tiny_decoder,
+                                           write_checkpoint)
+    write_checkpoint(tmp_path, TinyConfig(head_dim=16), arch="TinyHeadDim16")
+    ModelRegistry.register_model("TinyHeadDim16", build_tiny_decoder)
+    with pytest.raises(RuntimeError, match="initialization failed"):
+        run_llm(tmp_path, "TinyHeadDim16")
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "model.layers.0.attn.attn.vllm_attention: " in output
+    assert ("head_dim 16 is not supported by vLLM's" in output
+            or "vLLM found no attention backend for TrainableFlashAttention("
+            "num_heads=4, num_kv_heads=2, head_dim=16" in output), output[-3000:]

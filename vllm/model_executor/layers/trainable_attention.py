@@ -114,15 +114,28 @@ class TrainableFlashAttention(nn.Module):
             raise ValueError(
                 f"{layer_name}: vLLM serves decoder (causal) attention; "
                 "build TrainableFlashAttention with causal=True.")
-        self.vllm_attention = Attention(
-            num_heads=self.num_heads,
-            head_size=self.head_dim,
-            scale=self.softmax_scale,
-            num_kv_heads=self.num_kv_heads,
-            cache_config=cache_config,
-            per_layer_sliding_window=self.sliding_window,
-            prefix=layer_name,
-        )
+        try:
+            attention = Attention(
+                num_heads=self.num_heads,
+                head_size=self.head_dim,
+                scale=self.softmax_scale,
+                num_kv_heads=self.num_kv_heads,
+                cache_config=cache_config,
+                per_layer_sliding_window=self.sliding_window,
+                prefix=layer_name,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"{layer_name}: vLLM found no attention backend for "
+                f"TrainableFlashAttention({self.extra_repr()}) on this "
+                f"platform: {e}") from e
+        backend = attention.get_attn_backend()
+        if not backend.supports_head_size(self.head_dim):
+            raise ValueError(
+                f"{layer_name}: head_dim {self.head_dim} is not supported by "
+                f"vLLM's {backend.get_name()} attention backend; supported "
+                f"head sizes: {backend.get_supported_head_sizes()}.")
+        self.vllm_attention = attention
 
     # -------------------------------------------------------------- forward
 
