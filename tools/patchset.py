@@ -398,25 +398,31 @@ def _write_record(site: Path, dist_info: Path) -> None:
     record.write_text(buffer.getvalue())
 
 
-def fetch(release: str, out: Path) -> Path:
-    """The Python sources of a base release's wheel, in `out/vllm-RELEASE`
-    (downloaded once with pip, no dependencies, nothing installed)."""
-    tree = out / f"vllm-{release}"
-    if (tree / "vllm" / "_version.py").exists():
-        return tree
+def download_release_wheel(release: str, dest: Path) -> Path:
+    """The x86-64 wheel of a base release, downloaded with pip (no
+    dependencies, nothing installed)."""
     package = RELEASE_PACKAGES.get(release)
     if package is None:
         raise PatchError(f"unknown release {release}; known: "
                          f"{', '.join(RELEASE_PACKAGES)}")
-    wheels = out / "wheels"
     subprocess.run([
         sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
         "--only-binary=:all:", "--python-version", "3.12", "--implementation",
         "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-        "manylinux_2_35_x86_64", "-d", str(wheels), f"{package}=={release}"
+        "manylinux_2_35_x86_64", "-d", str(dest), f"{package}=={release}"
     ], check=True)
     prefix = package.replace("-", "_") + f"-{release}-"
-    wheel_file = next(w for w in wheels.iterdir() if w.name.startswith(prefix))
+    return next(w for w in dest.iterdir() if w.name.startswith(prefix))
+
+
+def fetch(release: str, out: Path) -> Path:
+    """The Python sources of a base release's wheel, in `out/vllm-RELEASE`
+    (downloaded once)."""
+    tree = out / f"vllm-{release}"
+    if (tree / "vllm" / "_version.py").exists():
+        return tree
+    wheels = out / "wheels"
+    wheel_file = download_release_wheel(release, wheels)
     with zipfile.ZipFile(wheel_file) as archive:
         members = [m for m in archive.namelist()
                    if m.startswith("vllm/") and m.endswith(".py")]

