@@ -43,19 +43,26 @@ def shutdown_llm(llm) -> None:
     gc.collect()
 
 
-def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
-            tensor_parallel_size=1, inspect=None, **kwargs):
-    """Greedy token ids of `prompts` from a real vLLM engine, and the
-    results of `inspect(model)` in each worker when given."""
-    from vllm import LLM, SamplingParams
+def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
+    """A real vLLM engine on a test checkpoint: token-id prompts, fp32
+    unless `dtype` says otherwise, a small KV cache."""
+    from vllm import LLM
     if tensor_parallel_size > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     kwargs.setdefault("dtype", "float32")
-    llm = LLM(model=str(model_dir),
-              hf_overrides={"architectures": [arch]} if arch else None,
-              skip_tokenizer_init=True,
-              gpu_memory_utilization=MEMORY_FRACTION, max_model_len=512,
-              tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
+    return LLM(model=str(model_dir),
+               hf_overrides={"architectures": [arch]} if arch else None,
+               skip_tokenizer_init=True,
+               gpu_memory_utilization=MEMORY_FRACTION, max_model_len=512,
+               tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
+
+
+def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
+            inspect=None, **kwargs):
+    """Greedy token ids of `prompts` from a real vLLM engine, and the
+    results of `inspect(model)` in each worker when given."""
+    from vllm import SamplingParams
+    llm = make_llm(model_dir, arch, **kwargs)
     try:
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
@@ -67,6 +74,36 @@ def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
     finally:
         shutdown_llm(llm)
     return (tokens, inspected) if inspect else tokens
+
+
+def vllm_logits_and_tokens(model_dir, prompts, vocab_size, max_tokens=32,
+                           **kwargs):
+    """From one real engine: the raw logits vLLM computes at every prompt
+    position (float64 `[len(prompt) - 1, vocab]` per prompt), and greedy
+    continuations of `max_tokens` tokens."""
+    from vllm import SamplingParams
+    llm = make_llm(model_dir, max_logprobs=vocab_size,
+                   logprobs_mode="raw_logits", **kwargs)
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                           ignore_eos=True, prompt_logprobs=vocab_size,
+                           detokenize=False), use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
+    logits = []
+    for output in outputs:
+        # entry i scores prompt[i] given prompt[:i]; entry 0 is None
+        rows = []
+        for entry in output.prompt_logprobs[1:]:
+            row = torch.full((vocab_size, ), float("nan"), dtype=torch.float64)
+            for token, logprob in entry.items():
+                row[token] = logprob.logprob
+            rows.append(row)
+        logits.append(torch.stack(rows) if rows else torch.empty(
+            0, vocab_size, dtype=torch.float64))
+    return logits, [list(o.outputs[0].token_ids) for o in outputs]
 
 
 @pytest.fixture

@@ -109,8 +109,8 @@ def test_formats_convert_to_the_same_tensors(checkpoints):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_parity_with_native_qwen3(checkpoints, tp):
-    from tests.models.test_trainable_attention_engine import (
-        training_forward, vllm_logits_and_tokens)
+    from tests.conftest import vllm_logits_and_tokens
+    from tests.models.test_trainable_attention_engine import training_forward
     model, dirs = checkpoints
     register()
     ours, ours_tokens = vllm_logits_and_tokens(

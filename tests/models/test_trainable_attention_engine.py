@@ -5,12 +5,11 @@ KV cache equal the training-mode forward of the same module on the same
 tokens, and greedy generation equals step-by-step recomputation."""
 
 import copy
-import os
 
 import pytest
 import torch
 
-from tests.conftest import MEMORY_FRACTION, run_llm, shutdown_llm
+from tests.conftest import run_llm, vllm_logits_and_tokens
 from tests.models.tiny_decoder import ARCH
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
@@ -39,40 +38,6 @@ def greedy_recompute(model, prompt, max_tokens):
         logits = training_forward(model, [tokens])[0]
         tokens.append(int(logits[-1].argmax()))
     return tokens[len(prompt):]
-
-
-def vllm_logits_and_tokens(model_dir, prompts, vocab_size, max_tokens=32,
-                           **kwargs):
-    """From one real engine: the raw logits vLLM computes at every prompt
-    position, and greedy continuations of `max_tokens` tokens."""
-    from vllm import LLM, SamplingParams
-    kwargs.setdefault("dtype", "float32")
-    if kwargs.get("tensor_parallel_size", 1) > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    llm = LLM(model=str(model_dir), skip_tokenizer_init=True,
-              gpu_memory_utilization=MEMORY_FRACTION, max_model_len=512,
-              max_logprobs=vocab_size, logprobs_mode="raw_logits", seed=0,
-              **kwargs)
-    try:
-        outputs = llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                           ignore_eos=True, prompt_logprobs=vocab_size,
-                           detokenize=False), use_tqdm=False)
-    finally:
-        shutdown_llm(llm)
-    logits = []
-    for output in outputs:
-        # entry i scores prompt[i] given prompt[:i]; entry 0 is None
-        rows = []
-        for entry in output.prompt_logprobs[1:]:
-            row = torch.full((vocab_size, ), float("nan"), dtype=torch.float64)
-            for token, logprob in entry.items():
-                row[token] = logprob.logprob
-            rows.append(row)
-        logits.append(torch.stack(rows) if rows else torch.empty(
-            0, vocab_size, dtype=torch.float64))
-    return logits, [list(o.outputs[0].token_ids) for o in outputs]
 
 
 @pytest.fixture(scope="module")
