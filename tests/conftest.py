@@ -81,17 +81,23 @@ def vllm_logits_and_tokens(model_dir, prompts, vocab_size, max_tokens=32,
     """From one real engine: the raw logits vLLM computes at every prompt
     position (float64 `[len(prompt) - 1, vocab]` per prompt), and greedy
     continuations of `max_tokens` tokens."""
-    from vllm import SamplingParams
     llm = make_llm(model_dir, max_logprobs=vocab_size,
                    logprobs_mode="raw_logits", **kwargs)
     try:
-        outputs = llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                           ignore_eos=True, prompt_logprobs=vocab_size,
-                           detokenize=False), use_tqdm=False)
+        return logits_and_tokens(llm, prompts, vocab_size, max_tokens)
     finally:
         shutdown_llm(llm)
+
+
+def logits_and_tokens(llm, prompts, vocab_size, max_tokens=32):
+    """`vllm_logits_and_tokens` from a running engine made by `make_llm(...,
+    max_logprobs=vocab_size, logprobs_mode="raw_logits")`."""
+    from vllm import SamplingParams
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                       ignore_eos=True, prompt_logprobs=vocab_size,
+                       detokenize=False), use_tqdm=False)
     logits = []
     for output in outputs:
         # entry i scores prompt[i] given prompt[:i]; entry 0 is None

@@ -80,12 +80,13 @@ def read_series(path: Path = PATCHES / "series") -> list[Commit]:
 
 def series_digest(commits: list[Commit], with_files: bool = True) -> str:
     """Identifies what `apply` writes; in develop mode the new files are
-    links, so only the patches count."""
+    links, so only their names and the patches count."""
     digest = hashlib.sha256()
     for commit in commits:
-        for name in commit.added if with_files else ():
+        for name in commit.added:
             digest.update(name.encode())
-            digest.update((REPO / name).read_bytes())
+            if with_files:
+                digest.update((REPO / name).read_bytes())
         for name in commit.patches:
             digest.update((PATCHES / name).read_bytes())
     return digest.hexdigest()[:16]

@@ -3,6 +3,7 @@
 """TorchTitan Qwen3 in vLLM: checkpoints in three formats, the CLI, strict
 name mapping, training, and parity with vLLM's native Qwen3ForCausalLM."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -202,3 +203,37 @@ def test_training_step_lowers_loss():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert model.layers[0].attention.wq.weight.grad.abs().sum() > 0
+
+
+def load_weights(model, weights):
+    """Run in the worker, as an RL trainer's weight sync does."""
+    return model.load_weights(weights.items())
+
+
+def test_weights_loaded_into_running_engine(checkpoints, allow_apply_model):
+    """A trainer's new weights, loaded into the running (compiled) engine
+    through load_weights, reach vLLM's prepacked linear copies: the logits
+    are those of the new weights, not the old."""
+    from tests.conftest import logits_and_tokens, make_llm, shutdown_llm
+    from tests.models.test_trainable_attention_engine import (
+        greedy_recompute, training_forward)
+    old_model, dirs = checkpoints
+    new_model = random_model(seed=7)
+    new_state = {k: v.clone() for k, v in new_model.state_dict().items()}
+    register()
+    llm = make_llm(dirs["safetensors"], max_logprobs=SMALL.vocab_size,
+                   logprobs_mode="raw_logits")
+    try:
+        before, _ = logits_and_tokens(llm, PROMPTS, SMALL.vocab_size)
+        llm.apply_model(functools.partial(load_weights, weights=new_state))
+        after, tokens = logits_and_tokens(llm, PROMPTS, SMALL.vocab_size)
+    finally:
+        shutdown_llm(llm)
+    old_logits = training_forward(old_model, PROMPTS)
+    for got, want in zip(after, training_forward(new_model, PROMPTS)):
+        torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
+    changed = torch.cat(after) - torch.cat([x[:-1] for x in old_logits])
+    assert changed.abs().max() > 0.1
+    for got, want in zip(before, old_logits):
+        torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
+    assert tokens[0] == greedy_recompute(new_model, PROMPTS[0], 32)

@@ -4,6 +4,7 @@
 without change, reverts to the original bytes, and exports as a series
 that `git am` takes."""
 
+import copy
 import importlib.util
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 5 commits (4 new files, 3 upstream")
+    assert message.startswith("applied 6 commits (5 new files, 3 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -95,7 +96,7 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     out = tmp_path / "series"
     patchset.export(release_tree, out)
     patches = sorted(out.glob("*.patch"))
-    assert len(patches) == 5
+    assert len(patches) == 6
     assert "[Model] Accept model factories" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.
@@ -143,3 +144,18 @@ def test_patched_wheel_from_release_wheel(tmp_path):
                 expected = base64.urlsafe_b64encode(
                     hashlib.sha256(data).digest()).rstrip(b"=").decode()
                 assert digest == f"sha256={expected}", path
+
+
+def test_develop_mode_follows_new_files_in_the_series(release_tree,
+                                                      monkeypatch):
+    """A file added to the series is linked by the next `apply --develop`,
+    though no patch file changed."""
+    full_series = patchset.read_series()
+    shorter = copy.deepcopy(full_series)
+    new_file = next(c for c in shorter if c.added).added.pop()
+    monkeypatch.setattr(patchset, "read_series", lambda: shorter)
+    patchset.apply(release_tree, develop=True)
+    assert not (release_tree / new_file).exists()
+    monkeypatch.setattr(patchset, "read_series", lambda: full_series)
+    assert patchset.apply(release_tree, develop=True).startswith("applied")
+    assert (release_tree / new_file).is_symlink()

@@ -108,14 +108,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta):
-    """cos and sin `[tokens, 1, head_dim // 2]` of the rotary angles, once
-    per forward for all layers (TorchTitan precomputes them likewise)."""
+def rope_cache(max_positions, head_dim, theta):
+    """cos and sin of the rotary angles `[max_positions, head_dim]` (cos in
+    the first half), precomputed once as TorchTitan does (`freqs_cis`)."""
     half = head_dim // 2
-    inv_freq = 1.0 / theta**(torch.arange(
-        0, half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    inv_freq = 1.0 / theta**(
+        torch.arange(0, half, dtype=torch.float32) / half)
+    angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * (
+        inv_freq[None, :])
+    return torch.cat((angles.cos(), angles.sin()), -1)
 
 
 def apply_rope(x, cos, sin):
@@ -213,6 +214,12 @@ class Qwen3Model(nn.Module):
             TransformerBlock(config, pc)
             for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # not in checkpoints: rebuilt from the config
+        self.register_buffer(
+            "rope_cache",
+            rope_cache(config.max_position_embeddings, config.head_dim,
+                       config.rope_theta),
+            persistent=False)
         self.output = nn.Linear(config.hidden_size, config.vocab_size,
                                 bias=False)
         if config.tie_word_embeddings:
@@ -225,8 +232,8 @@ class Qwen3Model(nn.Module):
                 inputs_embeds=None):
         h = (inputs_embeds if inputs_embeds is not None else
              self.tok_embeddings(input_ids))
-        rope = rope_cos_sin(positions, self.config.head_dim,
-                            self.config.rope_theta)
+        # [tokens, 1, head_dim // 2] each, shared by all layers
+        rope = self.rope_cache[positions].unsqueeze(1).chunk(2, -1)
         for layer in self.layers:
             h = layer(h, rope, cu_seqlens)
         return self.norm(h)

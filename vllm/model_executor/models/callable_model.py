@@ -18,6 +18,10 @@ and may have
     load_weights(weights) -> set[str] | None    # replaces loading by name
     hf_to_vllm_mapper: WeightsMapper            # renames checkpoint names
 
+Its plain `torch.nn.Linear` layers run through vLLM's linear method (see
+`plain_linear.py`) unless the factory's attribute `use_vllm_linear_method`
+is false.
+
 Without `load_weights`, checkpoint tensors are loaded by parameter name:
 parameters with a vLLM `weight_loader` (e.g. `ColumnParallelLinear`) shard
 the full tensor themselves, others must match in shape, and every missing,
@@ -32,9 +36,12 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.trainable_attention import (
     bind_trainable_attention)
 from vllm.model_executor.parallel_context import ParallelContext
+
+logger = init_logger(__name__)
 
 ModelFactory = Callable[[VllmConfig, ParallelContext], nn.Module]
 
@@ -100,6 +107,15 @@ class CallableModelWrapper(nn.Module):
         bind_trainable_attention(model, vllm_config.cache_config,
                                  prefix=f"{prefix}.model" if prefix else
                                  "model")
+        if getattr(self.model_factory, "use_vllm_linear_method", True):
+            # imported here: vLLM's linear layers import the model registry
+            from vllm.model_executor.layers.plain_linear import (
+                use_vllm_linear_method)
+            count = use_vllm_linear_method(model)
+            if count:
+                logger.info_once(
+                    "%s: %d torch.nn.Linear layer(s) run through vLLM's "
+                    "linear method.", self.model_arch, count)
         self.model = model
         self.parallel_context = parallel_context
 
@@ -145,6 +161,13 @@ class CallableModelWrapper(nn.Module):
             loaded = load_weights_by_name(self.model, weights,
                                           model_name=self.model_arch,
                                           parallel_context=self.parallel_context)
+        # Weights loaded into a running engine (e.g. from a trainer) must
+        # reach the layers' processed (prepacked) copies too.
+        from vllm.model_executor.layers.plain_linear import (
+            refresh_vllm_linear_method)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        refresh_vllm_linear_method(
+            self.model, (params[name] for name in loaded if name in params))
         return {f"model.{name}" for name in loaded}
 
 
