@@ -4,6 +4,8 @@
 `if __name__ == "__main__":` reaches vLLM's spawned engine core and, at
 TP=2, both spawned workers; it trains, then generates the text it learnt."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +19,20 @@ EXAMPLE = (Path(__file__).resolve().parents[2] /
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_demo_registers_under_main_and_generates(tp):
-    result = subprocess.run(
+    # Own session, so that a hung run's engine processes go with it.
+    process = subprocess.Popen(
         [sys.executable, str(EXAMPLE), "--tensor-parallel-size", str(tp)],
-        capture_output=True, text=True, timeout=580)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=580)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the demo at TP={tp} did not finish in 580 s; its last "
+                    f"output:\n{(stdout + stderr)[-4000:]}")
+    result = subprocess.CompletedProcess(process.args, process.returncode,
+                                         stdout, stderr)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     losses = [float(line.split()[-1]) for line in result.stdout.splitlines()
               if line.startswith("step")]
