@@ -32,11 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.platforms import current_platform
-
-logger = init_logger(__name__)
 
 
 class PlainLinearMethod(UnquantizedLinearMethod):
