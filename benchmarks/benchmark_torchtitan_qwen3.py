@@ -8,9 +8,16 @@ sampling, side by side in one process.
     python benchmarks/benchmark_torchtitan_qwen3.py --size small  # CPU
 
 All engines are started first and stay up; then each round times one
-generate() on each engine in turn, so drift of a shared or noisy machine
-hits every engine alike. The ratio reported is the median over rounds of
-(engine tok/s) / (native tok/s) in the same round.
+generate() on each engine in turn (the order alternates from round to
+round), so drift of a shared or noisy machine hits every engine alike.
+Warm-up rounds are run and discarded. The ratio reported is the median over
+rounds of (engine tok/s) / (native tok/s) in the same round, with the
+per-round minimum and maximum and a 95% bootstrap confidence interval of
+that median: the interval says whether the run resolves a 5% difference.
+
+`--profile-dir DIR` then profiles one generate() per engine with vLLM's
+torch profiler and prints each engine's kernels by GPU time, grouped into
+GEMMs, attention and the rest (the full tables land in DIR).
 
 Weights are dummy (random) in every engine, as for any speed run; engines
 run with vLLM's defaults (torch.compile, CUDA graphs) unless
@@ -23,6 +30,8 @@ torch.compile (`supports_torch_compile = False`).
 import argparse
 import functools
 import json
+import random
+import re
 import statistics
 import sys
 import tempfile
@@ -62,14 +71,20 @@ def variant(supports_torch_compile=True, use_vllm_linear_method=True):
     return factory
 
 
-def start_engine(model_dir, args):
+def start_engine(model_dir, args, profile_dir: Path | None):
     from vllm import LLM
     start = time.perf_counter()
+    profiler_config = None
+    if profile_dir is not None:
+        profiler_config = {"profiler": "torch",
+                           "torch_profiler_dir": str(profile_dir),
+                           "torch_profiler_with_stack": False}
     llm = LLM(model=str(model_dir), load_format="dummy",
               skip_tokenizer_init=True, dtype=args.dtype, seed=0,
               max_model_len=args.input_len + args.output_len + 16,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager,
+              profiler_config=profiler_config)
     return llm, time.perf_counter() - start
 
 
@@ -80,19 +95,73 @@ def tokens_per_second(llm, prompts, params) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
 
 
+def median_interval(values: list[float], level=0.95, samples=10000):
+    """Bootstrap confidence interval of the median of `values`."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values)))
+        for _ in range(samples))
+    tail = (1 - level) / 2
+    return medians[int(tail * samples)], medians[int((1 - tail) * samples) - 1]
+
+
+KERNEL_GROUPS = {
+    "GEMM": r"gemm|cutlass|xmma|nvjet|cublas|matmul|splitk|aten::mm|addmm|"
+            r"onednn_mm|packed_linear",
+    "attention": r"flash|attn|attention|fmha",
+}
+
+
+def kernel_summary(table_file: Path, top: int) -> str:
+    """Self device time (CUDA; the CPU where no CUDA column exists) by
+    kernel group, and the top rows, from the table vLLM's torch profiler
+    writes."""
+    rows = []
+    for line in table_file.read_text().splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        times = [c for c in cells if re.fullmatch(r"[0-9.]+(us|ms|s)", c)]
+        # times: self CPU, CPU total, CPU avg[, self CUDA, CUDA total, avg]
+        if len(times) >= 3 and cells[-1].isdigit():
+            self_time = times[3] if len(times) >= 6 else times[0]
+            rows.append((cells[0], _seconds(self_time), int(cells[-1])))
+    rows.sort(key=lambda row: -row[1])
+    total = sum(t for _, t, _ in rows) or 1.0
+    groups = dict.fromkeys([*KERNEL_GROUPS, "other"], 0.0)
+    for name, seconds, _ in rows:
+        group = next((g for g, pattern in KERNEL_GROUPS.items()
+                      if re.search(pattern, name, re.I)), "other")
+        groups[group] += seconds
+    lines = ["  " + ", ".join(f"{g} {t * 1e3:.1f} ms ({t / total:.0%})"
+                              for g, t in groups.items())]
+    for name, seconds, calls in rows[:top]:
+        lines.append(f"    {seconds * 1e3:8.2f} ms {calls:6d} calls  "
+                     f"{name[:90]}")
+    return "\n".join(lines)
+
+
+def _seconds(text: str) -> float:
+    unit = re.search(r"(us|ms|s)$", text)[1]
+    return float(text[:-len(unit)]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup-rounds", type=int, default=2,
+                        help="rounds run first and discarded")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
                         help="per engine (default 0.25 on CUDA, else 0.1)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--ours-no-compile", action="store_true")
     parser.add_argument("--ours-torch-linear", action="store_true")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="profile one generate() per engine into DIR")
+    parser.add_argument("--profile-prompts", type=int, default=64)
     args = parser.parse_args()
     if args.gpu_memory_utilization is None:
         import torch
@@ -122,30 +191,61 @@ def main():
                 ModelRegistry.register_model(arch, factory)
             model_dir = Path(tmp) / str(index)
             write_config(model_dir, arch, SIZES[args.size], args.dtype)
-            llms[name], startup[name] = start_engine(model_dir, args)
-            llms[name].generate(prompts, params, use_tqdm=False)  # warm-up
+            profile_dir = (args.profile_dir / str(index)
+                           if args.profile_dir else None)
+            llms[name], startup[name] = start_engine(model_dir, args,
+                                                     profile_dir)
             print(f"{name}: started in {startup[name]:.1f} s", flush=True)
 
     rates = {name: [] for name in llms}
-    for round_index in range(args.rounds):
-        for name, llm in llms.items():
-            rates[name].append(tokens_per_second(llm, prompts, params))
-        print(f"round {round_index + 1}: " + ", ".join(
-            f"{name} {rates[name][-1]:.1f}" for name in llms), flush=True)
+    names = list(llms)
+    for round_index in range(args.warmup_rounds + args.rounds):
+        warmup = round_index < args.warmup_rounds
+        order = names if round_index % 2 == 0 else names[::-1]
+        measured = {name: tokens_per_second(llms[name], prompts, params)
+                    for name in order}
+        if not warmup:
+            for name in names:
+                rates[name].append(measured[name])
+        label = ("warm-up" if warmup else
+                 f"round {round_index - args.warmup_rounds + 1}")
+        print(f"{label}: " + ", ".join(f"{name} {measured[name]:.1f}"
+                                       for name in names), flush=True)
 
     print(f"\n{args.size}: {args.num_prompts} prompts x {args.input_len} in "
           f"/ {args.output_len} out, {args.dtype}, eager="
           f"{args.enforce_eager}, generic model compiled={compile_ours}, "
-          f"{args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds after {args.warmup_rounds} "
+          "warm-up rounds")
     print(f"{'engine':36s} {'start s':>8s} {'median tok/s':>13s} "
-          f"{'min':>9s} {'max':>9s} {'vs native (median of rounds)':>29s}")
-    for name in llms:
-        ratio = statistics.median(
-            ours / native for ours, native in zip(rates[name], rates[NATIVE]))
+          f"{'min':>9s} {'max':>9s}   vs native per round: median "
+          "[95% CI] (min..max)")
+    for name in names:
+        ratios = [ours / native
+                  for ours, native in zip(rates[name], rates[NATIVE])]
+        low, high = median_interval(ratios)
         print(f"{name:36s} {startup[name]:8.1f} "
               f"{statistics.median(rates[name]):13.1f} "
-              f"{min(rates[name]):9.1f} {max(rates[name]):9.1f} "
-              f"{ratio:29.3f}")
+              f"{min(rates[name]):9.1f} {max(rates[name]):9.1f}   "
+              f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] "
+              f"({min(ratios):.3f}..{max(ratios):.3f})")
+
+    if args.profile_dir:
+        profile_prompts = prompts[:args.profile_prompts]
+        for index, name in enumerate(names):
+            llms[name].start_profile()
+            llms[name].generate(profile_prompts, params, use_tqdm=False)
+            llms[name].stop_profile()
+            # rank 0's table: profiler_out_0.txt (vLLM 0.26), or
+            # rank0.profiler_out.txt (0.32)
+            tables = [args.profile_dir / str(index) / name
+                      for name in ("profiler_out_0.txt",
+                                   "rank0.profiler_out.txt")]
+            tables = [table for table in tables if table.exists()]
+            print(f"\nprofile of {name}: {len(profile_prompts)} prompts, "
+                  "self time by kernel")
+            print(kernel_summary(tables[0], top=12) if tables else
+                  "  (no profiler table written)")
 
 
 if __name__ == "__main__":

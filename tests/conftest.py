@@ -1,5 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Shared test machinery.
+
+Starting a vLLM engine (spawned engine core and worker processes) costs
+about 15 s on the 2-core CI machine, so an engine that several tests can
+read from is started once. The engines in `SHARED_ENGINES` serve tests in
+several modules: each starts for its first test and stops after its last
+(an idle engine still holds about 2 GB and polls a core); engines that one
+module's tests share are fixtures of that module. Tests that change an
+engine's weights restore them before they end.
+"""
+
 import gc
 import os
 import sys
@@ -18,29 +29,20 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# Token-id prompts: lengths 1 to 40, so prefill spans several KV blocks.
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
-           [42]]
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    from tests.models.tiny_decoder import write_checkpoint
-    path = tmp_path_factory.mktemp("tiny_decoder")
-    model = write_checkpoint(path)
-    return path, model
-
+           [42], list(range(300, 340))]
+MAX_TOKENS = 32
 
 # Each engine reserves this fraction of the machine's memory for its KV
-# cache on the CPU; small, so engines of consecutive tests fit side by side.
+# cache on the CPU; small, so the shared engines fit side by side.
 MEMORY_FRACTION = 0.1
 
+# Tests pass functions to running engines (`LLM.apply_model`).
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
-def shutdown_llm(llm) -> None:
-    """Stop the engine's processes now: `del llm` leaves that to garbage
-    collection, and a later test's engine may start before they are gone."""
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+
+# ------------------------------------------------------------------ engines
 
 
 def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
@@ -57,41 +59,44 @@ def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
                tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
 
 
-def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=16,
-            inspect=None, **kwargs):
-    """Greedy token ids of `prompts` from a real vLLM engine, and the
-    results of `inspect(model)` in each worker when given."""
+def shutdown_llm(llm) -> None:
+    """Stop the engine's processes now: `del llm` leaves that to garbage
+    collection, and a later test's engine may start before they are gone."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def greedy_tokens(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS):
+    """Greedy token ids of `prompts` from a running engine."""
     from vllm import SamplingParams
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                       ignore_eos=True, detokenize=False),
+        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=MAX_TOKENS,
+            inspect=None, **kwargs):
+    """Start an engine for one test, take its greedy token ids (and the
+    results of `inspect(model)` in each worker when given), stop it."""
     llm = make_llm(model_dir, arch, **kwargs)
     try:
-        outputs = llm.generate(
-            [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                           ignore_eos=True, detokenize=False),
-            use_tqdm=False)
-        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        tokens = greedy_tokens(llm, prompts, max_tokens)
         inspected = llm.apply_model(inspect) if inspect else None
     finally:
         shutdown_llm(llm)
     return (tokens, inspected) if inspect else tokens
 
 
-def vllm_logits_and_tokens(model_dir, prompts, vocab_size, max_tokens=32,
-                           **kwargs):
-    """From one real engine: the raw logits vLLM computes at every prompt
-    position (float64 `[len(prompt) - 1, vocab]` per prompt), and greedy
-    continuations of `max_tokens` tokens."""
-    llm = make_llm(model_dir, max_logprobs=vocab_size,
-                   logprobs_mode="raw_logits", **kwargs)
-    try:
-        return logits_and_tokens(llm, prompts, vocab_size, max_tokens)
-    finally:
-        shutdown_llm(llm)
-
-
-def logits_and_tokens(llm, prompts, vocab_size, max_tokens=32):
-    """`vllm_logits_and_tokens` from a running engine made by `make_llm(...,
-    max_logprobs=vocab_size, logprobs_mode="raw_logits")`."""
+def logits_and_tokens(llm, prompts=PROMPTS, vocab_size=None,
+                      max_tokens=MAX_TOKENS):
+    """From an engine made with `max_logprobs=vocab_size,
+    logprobs_mode="raw_logits"`: the raw logits vLLM computes at every
+    prompt position (float64 `[len(prompt) - 1, vocab]` per prompt), and
+    greedy continuations of `max_tokens` tokens."""
     from vllm import SamplingParams
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
@@ -112,9 +117,120 @@ def logits_and_tokens(llm, prompts, vocab_size, max_tokens=32):
     return logits, [list(o.outputs[0].token_ids) for o in outputs]
 
 
-@pytest.fixture
-def allow_apply_model(monkeypatch):
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+def vllm_logits_and_tokens(model_dir, prompts, vocab_size,
+                           max_tokens=MAX_TOKENS, **kwargs):
+    """`logits_and_tokens` from an engine started for this call only."""
+    llm = make_llm(model_dir, max_logprobs=vocab_size,
+                   logprobs_mode="raw_logits", **kwargs)
+    try:
+        return logits_and_tokens(llm, prompts, vocab_size, max_tokens)
+    finally:
+        shutdown_llm(llm)
+
+
+# --------------------------------------------------- the training forward
+
+
+def training_forward(model, prompts):
+    """Logits (float64) at every position of every prompt, all prompts
+    packed into one varlen batch, through the module's training path."""
+    lengths = [len(p) for p in prompts]
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([t for p in prompts for t in p], device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32,
+                              device=device).cumsum(0, dtype=torch.int32)
+    with torch.no_grad():
+        hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
+        logits = model.compute_logits(hidden).double()
+    return logits.cpu().split(lengths)
+
+
+def greedy_recompute(model, prompt, max_tokens=MAX_TOKENS):
+    """Greedy decoding by re-running the whole sequence each step: the
+    independent PyTorch reference for vLLM's greedy output."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        logits = training_forward(model, [tokens])[0]
+        tokens.append(int(logits[-1].argmax()))
+    return tokens[len(prompt):]
+
+
+# ------------------------------------------- the tiny decoder and its engines
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from tests.models.tiny_decoder import write_checkpoint
+    path = tmp_path_factory.mktemp("tiny_decoder")
+    model = write_checkpoint(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_tokens(tiny_checkpoint):
+    """Greedy continuations of PROMPTS by the PyTorch module itself."""
+    _, model = tiny_checkpoint
+    return [greedy_recompute(model, p) for p in PROMPTS]
+
+
+SHARED_ENGINES = ("tiny_engine", "tiny_engine_tp2")
+_LAST_USER_OF = pytest.StashKey[list]()
+_running: dict[str, object] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(items):
+    """Mark the last test that uses each shared engine."""
+    for name in SHARED_ENGINES:
+        users = [item for item in items if name in item.fixturenames]
+        if users:
+            users[-1].stash.setdefault(_LAST_USER_OF, []).append(name)
+
+
+def pytest_runtest_teardown(item):
+    for name in item.stash.get(_LAST_USER_OF, []):
+        if name in _running:
+            shutdown_llm(_running.pop(name))
+
+
+def pytest_sessionfinish():
+    while _running:  # the session ended before an engine's last user ran
+        shutdown_llm(_running.popitem()[1])
+
+
+def _shared(name, llm):
+    _running[name] = llm
+    return llm
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    """The tiny decoder registered as a module-level function factory, TP=1,
+    returning raw logits: shared by every test that only reads from it."""
+    from tests.models.tiny_decoder import ARCH, build_tiny_decoder
+    from vllm import ModelRegistry
+    path, model = tiny_checkpoint
+    ModelRegistry.register_model(ARCH, build_tiny_decoder)
+    return _shared("tiny_engine", make_llm(
+        path, ARCH, max_logprobs=model.lm_head.out_features,
+        logprobs_mode="raw_logits"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_tp2(tiny_checkpoint):
+    """The tiny decoder registered with a lambda, TP=2 (two spawned
+    workers, each building its shard from `parallel_context`)."""
+    from tests.models.tiny_decoder import build_tiny_decoder
+    from vllm import ModelRegistry
+    path, model = tiny_checkpoint
+    ModelRegistry.register_model(
+        "TinyLambdaTP2",
+        lambda vllm_config, parallel_context: build_tiny_decoder(
+            vllm_config, parallel_context))
+    return _shared("tiny_engine_tp2", make_llm(
+        path, "TinyLambdaTP2", tensor_parallel_size=2,
+        max_logprobs=model.lm_head.out_features, logprobs_mode="raw_logits"))
 
 
 def cuda_available() -> bool:

@@ -42,7 +42,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vllm import LLM, ModelRegistry, SamplingParams
-from vllm.model_executor.layers import TrainableFlashAttention
+from vllm.model_executor.layers.trainable_attention import (
+    TrainableFlashAttention)
 from vllm.model_executor.parallel_context import ParallelContext
 
 ARCH = "MegatronDecoderForCausalLM"

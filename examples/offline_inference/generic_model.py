@@ -6,24 +6,37 @@ The model below is ordinary training code (nanoGPT-sized). It uses
 `TrainableFlashAttention`, so the same module trains on packed sequences
 and, inside vLLM, runs on vLLM's paged KV cache. It is registered with a
 lambda under `if __name__ == "__main__":`; the registration reaches vLLM's
-spawn-started engine and worker processes.
+spawn-started engine and worker processes. At the end the trainer's own
+greedy decoding checks what vLLM generated.
 
-    python examples/offline_inference/generic_model.py [--tensor-parallel-size 2]
+    python examples/offline_inference/generic_model.py [--tensor-parallel-size 2] [--verbose]
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from torch import nn
-from torch.nn import functional as F
+# vLLM logs its start-up at INFO and platform notices at WARNING; keep the
+# demo's output to its result unless --verbose (or VLLM_LOGGING_LEVEL) asks
+# for them. Set before vLLM is imported, which configures its logging; its
+# processes inherit it.
+VERBOSE = "--verbose" in sys.argv
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if VERBOSE else "ERROR")
+if not VERBOSE:  # deprecation notices from inside vLLM and torch
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
-from vllm import LLM, ModelRegistry, SamplingParams
-from vllm.model_executor.layers import TrainableFlashAttention
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from vllm import LLM, ModelRegistry, SamplingParams  # noqa: E402
+from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
+    TrainableFlashAttention)
 
 TEXT = ("vLLM runs the model you trained. One definition serves the trainer "
         "and the engine, so the numbers agree and the weights move freely. ")
@@ -88,7 +101,7 @@ def build_tokenizer(path: Path):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(
         [TEXT] * 10, trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<eos>"],
+            vocab_size=300, special_tokens=["<eos>"], show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
@@ -96,12 +109,16 @@ def build_tokenizer(path: Path):
     return tokenizer
 
 
-def train(model, token_ids, steps=150):
-    """Next-token training on packed windows of the text."""
+def train(model, token_ids, steps=150) -> tuple[float, float]:
+    """Next-token training on packed windows of the text; returns the loss
+    before and after."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     window, batch = 32, 8
     data = torch.tensor(token_ids)
-    for step in range(steps):
+    losses = []
+    progress = tqdm(range(steps), desc="training", unit="step",
+                    mininterval=0.5)
+    for _ in progress:
         starts = torch.randint(0, len(data) - window - 1, (batch, ))
         inputs = torch.cat([data[s:s + window] for s in starts])
         targets = torch.cat([data[s + 1:s + window + 1] for s in starts])
@@ -113,8 +130,23 @@ def train(model, token_ids, steps=150):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}")
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    return losses[0], losses[-1]
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt_ids, max_tokens, eos_token_id):
+    """The trainer's greedy decoding: the whole sequence through the
+    training forward at every step, no KV cache."""
+    tokens = list(prompt_ids)
+    for _ in range(max_tokens):
+        ids = torch.tensor(tokens)
+        hidden = model(ids, torch.arange(len(tokens)))
+        tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
+        if tokens[-1] == eos_token_id:
+            break
+    return tokens[len(prompt_ids):]
 
 
 def save_checkpoint(model, path: Path, vocab_size):
@@ -129,6 +161,8 @@ def save_checkpoint(model, path: Path, vocab_size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's INFO logs")
     args = parser.parse_args()
     if args.tensor_parallel_size > 1 and not torch.cuda.is_available():
         # vLLM's CPU workers each need their own cores
@@ -141,7 +175,8 @@ def main():
     tokenizer = build_tokenizer(checkpoint)
     vocab_size = tokenizer.get_vocab_size()
     model = TinyGPT(vocab_size)
-    train(model, tokenizer.encode(TEXT * 20).ids)
+    loss_before, loss_after = train(model, tokenizer.encode(TEXT * 20).ids)
+    model.eval()
     save_checkpoint(model, checkpoint, vocab_size)
 
     # The factory receives (vllm_config, parallel_context); this model is
@@ -150,14 +185,34 @@ def main():
         "TinyGPT", lambda vllm_config, parallel_context: TinyGPT(
             vllm_config.model_config.hf_config.vocab_size))
 
+    print("starting vLLM ...", flush=True)
     llm = LLM(model=str(checkpoint), dtype="float32", max_model_len=256,
               gpu_memory_utilization=0.3,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size,
+              use_tqdm_on_load=VERBOSE)
     prompts = ["vLLM runs the", "One definition serves", "the weights"]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0,
-                                                   max_tokens=24))
-    for output in outputs:
-        print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
+                                                   max_tokens=24),
+                           use_tqdm=False)
+
+    eos_token_id = tokenizer.token_to_id("<eos>")
+    same = [
+        list(o.outputs[0].token_ids) == greedy_decode(
+            model, o.prompt_token_ids, 24, eos_token_id) for o in outputs
+    ]
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"\nTrained TinyGPT ({parameters / 1e6:.2f}M parameters, plain "
+          f"PyTorch + TrainableFlashAttention) for 150 steps on one "
+          f"sentence:\n  loss {loss_before:.3f} -> {loss_after:.3f}")
+    print(f"vLLM (tensor_parallel_size={args.tensor_parallel_size}) "
+          "generated, greedy:")
+    for output, match in zip(outputs, same):
+        print(f"  {output.prompt!r} -> {output.outputs[0].text!r}"
+              f"{'' if match else '   (differs from the trainer)'}")
+    print(f"Same tokens as the trainer's own greedy decoding: "
+          f"{sum(same)}/{len(same)} prompts")
+    if not all(same):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # kit, ../shared/device-kit). Applies the patch set there, runs the CUDA
 # tests and benchmarks named as arguments (default: kernels engine
 # bench_attention; any other argument is run as a shell command), logs
-# under $OUT.
+# under $OUT. KERNEL_RUNS=N runs the kernel tests N times in a row.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,7 +19,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "$@"; do
   echo "=== $step"
   case $step in
-    kernels) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_trainable_attention.py -k cuda 2>&1 | tail -60 > "$OUT/kernels.log" ;;
+    kernels)
+      for run in $(seq "${KERNEL_RUNS:-1}"); do
+        echo "--- run $run"
+        timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_trainable_attention.py -k cuda 2>&1 | grep -v "^$"
+      done > "$OUT/kernels.log"
+      grep -E "^--- run|passed|failed" "$OUT/kernels.log" ;;
     engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_trainable_attention_engine.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
     bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
     *) timeout 500 bash -c "$step" > "$OUT/$(echo "$step" | tr -c 'a-zA-Z0-9' _ | cut -c1-40).log" 2>&1 ;;

@@ -172,7 +172,7 @@ def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
     out.backward(grad_out)
 
     # fp32 reference on the same bf16 inputs, and the error bf16 math
-    # itself makes: flash must be no worse than twice that.
+    # itself makes against it.
     def reference(dtype):
         inputs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
         ref = trainable_attention.reference_attention(
@@ -186,8 +186,44 @@ def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
         (t.grad, g16, g32) for t, g16, g32 in zip((q, k, v), grads16, grads32)
     ]
     for name, (got, bf16_ref, ref) in zip(["out", "dq", "dk", "dv"], pairs):
-        flash_err = (got.float() - ref).abs().max().item()
-        bf16_err = (bf16_ref.float() - ref).abs().max().item()
-        print(f"{kernels} {name}: flash {flash_err:.2e} bf16-math "
-              f"{bf16_err:.2e}")
-        assert flash_err <= 2 * bf16_err + 1e-3, name
+        flash_err = relative_rms_errors(got, ref, cu)
+        bf16_err = relative_rms_errors(bf16_ref, ref, cu)
+        print(f"{kernels} {name}: relative RMS error per sequence, flash "
+              f"{_fmt(flash_err)} bf16-math {_fmt(bf16_err)}; max abs "
+              f"error flash {(got.float() - ref).abs().max().item():.2e} "
+              f"bf16-math {(bf16_ref.float() - ref).abs().max().item():.2e}")
+        # The flash backward rounds P and dS to bf16 for its tensor-core
+        # GEMMs, which bf16 math does not: its dq/dk errors measured 1.5 to
+        # 2.3 times bf16 math's on the H100 (benchmarks/RESULTS.md). Three
+        # times the larger of bf16 math's error and one bf16 rounding
+        # bounds that; a wrong mask, window, scale or LSE is off by 1e-1 to
+        # 1, against a bound near 6e-3.
+        bound = 3 * torch.clamp(bf16_err, min=BF16_ROUNDING)
+        assert bool((flash_err <= bound).all()), (
+            f"{name}: sequences {(flash_err > bound).nonzero().flatten()}"
+            f" exceed three times the bf16-math error")
+
+
+# Rounding to bf16 (8 significant bits) moves each element by at most 2**-8
+# of its value, and by about 2**-9 of the norm over many elements: the
+# error of a result that is exact but for its final rounding.
+BF16_ROUNDING = 2.0**-9
+
+
+def relative_rms_errors(got: torch.Tensor, ref: torch.Tensor,
+                        cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """||got - ref|| / ||ref|| for each packed sequence: stable where a
+    max-abs error (one extreme element of each) is not. A sequence whose
+    reference is all zero (dq of a one-token sequence) is measured against
+    the whole tensor's norm instead."""
+    bounds = cu_seqlens.tolist()
+    errors = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        diff = (got[start:end].float() - ref[start:end]).norm()
+        scale = ref[start:end].norm()
+        errors.append((diff / (scale if scale > 0 else ref.norm())).item())
+    return torch.tensor(errors)
+
+
+def _fmt(errors: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{e:.1e}" for e in errors.tolist()) + "]"

@@ -1,14 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Every registration form runs through the real engine (spawned engine
-core and workers) and gives the same greedy tokens as the model class."""
+core and workers) and gives the greedy tokens of an independent PyTorch
+run of the same module."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_llm
+from tests.conftest import (MAX_TOKENS, PROMPTS, REPO, greedy_tokens,
+                            run_llm)
 from tests.models.tiny_decoder import (TinyConfig, TinyDecoder,
+                                       TinyDecoderForCausalLM,
                                        build_tiny_decoder)
 from vllm import ModelRegistry
 
@@ -35,46 +43,75 @@ def make_closure():
     return build
 
 
+# Each form is pickled differently on its way to vLLM's spawned processes
+# (by reference, by value, with captured state); each runs in its own engine.
 REGISTRATIONS = {
-    "module_string_factory": "tests.models.tiny_decoder:build_tiny_decoder",
-    "function": build_tiny_decoder,
     "lambda": lambda vllm_config, parallel_context: build_tiny_decoder(
         vllm_config, parallel_context),
     "closure": make_closure(),
     "callable_object": CallableFactory(),
     "partial": functools.partial(factory_with_options, scale=1.0),
 }
+SCRIPT = Path(__file__).parent / "scripts" / "generate_from_script_dir.py"
 
 
-@pytest.fixture(scope="module")
-def class_tokens(tiny_checkpoint):
-    """The reference: the model written as a vLLM class, registered as a
-    "module:Class" string (stock vLLM behaviour)."""
-    path, _ = tiny_checkpoint
-    ModelRegistry.register_model(
-        "TinyAsClassString",
-        "tests.models.tiny_decoder:TinyDecoderForCausalLM")
-    return run_llm(path, "TinyAsClassString")
-
-
-def test_class_registration(tiny_checkpoint, class_tokens):
-    from tests.models.tiny_decoder import TinyDecoderForCausalLM
-    path, _ = tiny_checkpoint
-    ModelRegistry.register_model("TinyAsClass", TinyDecoderForCausalLM)
-    tokens = run_llm(path, "TinyAsClass")
-    assert tokens == class_tokens
-    assert all(len(t) == 16 for t in tokens)
+def test_function_factory(tiny_engine, tiny_reference_tokens):
+    """The shared engine's registration: a module-level function."""
+    tokens = greedy_tokens(tiny_engine)
+    assert tokens == tiny_reference_tokens
+    assert all(len(t) == MAX_TOKENS for t in tokens)
     # a random model still has to say something other than one token
     assert len({tok for seq in tokens for tok in seq}) > 4
 
 
+@pytest.mark.parametrize("model_cls", [
+    TinyDecoderForCausalLM, "tests.models.tiny_decoder:TinyDecoderForCausalLM"
+], ids=["class", "module_string_class"])
+def test_class_registration(tiny_checkpoint, tiny_reference_tokens,
+                            model_cls):
+    """Stock vLLM registrations still resolve to the class itself."""
+    path, _ = tiny_checkpoint
+    ModelRegistry.register_model("TinyAsClass", model_cls)
+    assert ModelRegistry.models["TinyAsClass"].load_model_cls() is (
+        TinyDecoderForCausalLM)
+    assert run_llm(path, "TinyAsClass") == tiny_reference_tokens
+
+
 @pytest.mark.parametrize("form", list(REGISTRATIONS))
-def test_factory_registration_matches_class(tiny_checkpoint, class_tokens,
-                                            form):
+def test_factory_registration_matches_reference(tiny_checkpoint,
+                                                tiny_reference_tokens, form):
     path, _ = tiny_checkpoint
     arch = f"Tiny_{form}"
     ModelRegistry.register_model(arch, REGISTRATIONS[form])
-    assert run_llm(path, arch) == class_tokens
+    assert run_llm(path, arch) == tiny_reference_tokens
+
+
+def test_module_string_from_script_directory(tiny_checkpoint,
+                                             tiny_reference_tokens, tmp_path):
+    """"script_dir_factories:build" names a module that only the script's
+    directory holds; the script runs from another working directory, so
+    vLLM's inspection subprocess and spawned processes must get the
+    parent's import path to find it."""
+    path, _ = tiny_checkpoint
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # not the script's dir
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(path), json.dumps(PROMPTS),
+         str(MAX_TOKENS)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    line = next(line for line in result.stdout.splitlines()
+                if line.startswith("TOKENS "))
+    tokens = json.loads(line.removeprefix("TOKENS "))
+    assert tokens == tiny_reference_tokens
+
+
+def test_unimportable_module_string_is_refused_at_registration():
+    with pytest.raises(ModuleNotFoundError) as excinfo:
+        ModelRegistry.register_model("TinyNowhere", "nowhere_factories:build")
+    message = str(excinfo.value)
+    assert "no module named 'nowhere_factories' can be imported" in message
+    assert "on PYTHONPATH" in message
+    assert "TinyNowhere" not in ModelRegistry.get_supported_archs()
 
 
 def _shard_info(model):
@@ -85,17 +122,11 @@ def _shard_info(model):
             list(layer.mlp.down_proj.weight.shape))
 
 
-def test_lambda_tensor_parallel_matches_tp1(tiny_checkpoint, class_tokens,
-                                            allow_apply_model):
-    path, _ = tiny_checkpoint
+def test_lambda_tensor_parallel_matches_reference(tiny_engine_tp2,
+                                                  tiny_reference_tokens):
     config = TinyConfig()
-    ModelRegistry.register_model(
-        "TinyLambdaTP",
-        lambda vllm_config, parallel_context: build_tiny_decoder(
-            vllm_config, parallel_context))
-    tokens, shards = run_llm(path, "TinyLambdaTP", tensor_parallel_size=2,
-                             inspect=_shard_info)
-    assert tokens == class_tokens
+    assert greedy_tokens(tiny_engine_tp2) == tiny_reference_tokens
+    shards = tiny_engine_tp2.apply_model(_shard_info)
     q_rows = config.num_attention_heads * config.head_dim // 2
     assert sorted(list(s) for s in shards) == [
         [rank, 2, [q_rows, config.hidden_size],

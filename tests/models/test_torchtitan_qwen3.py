@@ -22,6 +22,10 @@ from checkpoint import prepare_model_dir  # noqa: E402
 from model import (ARCH, TORCHTITAN_TO_HF, Qwen3Config,  # noqa: E402
                    Qwen3Model, register)
 
+from tests.conftest import (greedy_recompute, logits_and_tokens,  # noqa: E402
+                            make_llm, shutdown_llm, training_forward,
+                            vllm_logits_and_tokens)
+
 
 SMALL = Qwen3Config(vocab_size=384, hidden_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2,
@@ -108,15 +112,29 @@ def test_formats_convert_to_the_same_tensors(checkpoints):
     assert prepare_model_dir(dirs["safetensors"]) == dirs["safetensors"]
 
 
+@pytest.fixture(scope="module")
+def ours_tp1(checkpoints):
+    """The TorchTitan model at TP=1, compiled (vLLM's default), from the
+    DCP checkpoint: shared by the parity and weight-update tests."""
+    _, dirs = checkpoints
+    register()
+    llm = make_llm(prepare_model_dir(dirs["dcp"]),
+                   max_logprobs=SMALL.vocab_size, logprobs_mode="raw_logits")
+    yield llm
+    shutdown_llm(llm)
+
+
 @pytest.mark.parametrize("tp", [1, 2])
-def test_parity_with_native_qwen3(checkpoints, tp):
-    from tests.conftest import vllm_logits_and_tokens
-    from tests.models.test_trainable_attention_engine import training_forward
+def test_parity_with_native_qwen3(checkpoints, ours_tp1, tp):
     model, dirs = checkpoints
     register()
-    ours, ours_tokens = vllm_logits_and_tokens(
-        prepare_model_dir(dirs["dcp"]), PROMPTS, SMALL.vocab_size,
-        tensor_parallel_size=tp)
+    if tp == 1:
+        ours, ours_tokens = logits_and_tokens(ours_tp1, PROMPTS,
+                                              SMALL.vocab_size)
+    else:
+        ours, ours_tokens = vllm_logits_and_tokens(
+            prepare_model_dir(dirs["dcp"]), PROMPTS, SMALL.vocab_size,
+            tensor_parallel_size=tp)
     native, native_tokens = vllm_logits_and_tokens(
         dirs["native"], PROMPTS, SMALL.vocab_size, tensor_parallel_size=tp)
     for got, want in zip(ours, native):
@@ -210,25 +228,25 @@ def load_weights(model, weights):
     return model.load_weights(weights.items())
 
 
-def test_weights_loaded_into_running_engine(checkpoints, allow_apply_model):
+def test_weights_loaded_into_running_engine(checkpoints, ours_tp1):
     """A trainer's new weights, loaded into the running (compiled) engine
     through load_weights, reach vLLM's prepacked linear copies: the logits
-    are those of the new weights, not the old."""
-    from tests.conftest import logits_and_tokens, make_llm, shutdown_llm
-    from tests.models.test_trainable_attention_engine import (
-        greedy_recompute, training_forward)
-    old_model, dirs = checkpoints
+    are those of the new weights, not the old; loading the old weights back
+    restores the old logits."""
+    old_model, _ = checkpoints
     new_model = random_model(seed=7)
-    new_state = {k: v.clone() for k, v in new_model.state_dict().items()}
-    register()
-    llm = make_llm(dirs["safetensors"], max_logprobs=SMALL.vocab_size,
-                   logprobs_mode="raw_logits")
+    states = {name: {k: v.clone() for k, v in m.state_dict().items()}
+              for name, m in (("old", old_model), ("new", new_model))}
+    before, _ = logits_and_tokens(ours_tp1, PROMPTS, SMALL.vocab_size)
+    ours_tp1.apply_model(functools.partial(load_weights,
+                                           weights=states["new"]))
     try:
-        before, _ = logits_and_tokens(llm, PROMPTS, SMALL.vocab_size)
-        llm.apply_model(functools.partial(load_weights, weights=new_state))
-        after, tokens = logits_and_tokens(llm, PROMPTS, SMALL.vocab_size)
+        after, tokens = logits_and_tokens(ours_tp1, PROMPTS,
+                                          SMALL.vocab_size)
     finally:
-        shutdown_llm(llm)
+        ours_tp1.apply_model(functools.partial(load_weights,
+                                               weights=states["old"]))
+    restored, _ = logits_and_tokens(ours_tp1, PROMPTS, SMALL.vocab_size)
     old_logits = training_forward(old_model, PROMPTS)
     for got, want in zip(after, training_forward(new_model, PROMPTS)):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
@@ -236,4 +254,6 @@ def test_weights_loaded_into_running_engine(checkpoints, allow_apply_model):
     assert changed.abs().max() > 0.1
     for got, want in zip(before, old_logits):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
+    for got, want in zip(restored, before):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert tokens[0] == greedy_recompute(new_model, PROMPTS[0], 32)

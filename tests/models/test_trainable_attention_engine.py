@@ -9,44 +9,17 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import run_llm, vllm_logits_and_tokens
+from tests.conftest import (PROMPTS, greedy_recompute, greedy_tokens,
+                            logits_and_tokens, run_llm, training_forward,
+                            vllm_logits_and_tokens)
 from tests.models.tiny_decoder import ARCH
-
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
-           [42], list(range(300, 340))]
-
-
-def training_forward(model, prompts):
-    """Logits (float64) at every position of every prompt, all prompts
-    packed into one varlen batch, through the training path."""
-    lengths = [len(p) for p in prompts]
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32,
-                              device=device).cumsum(0, dtype=torch.int32)
-    with torch.no_grad():
-        hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
-        logits = model.compute_logits(hidden).double()
-    return logits.cpu().split(lengths)
-
-
-def greedy_recompute(model, prompt, max_tokens):
-    """Greedy decoding by re-running the whole sequence each step."""
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        logits = training_forward(model, [tokens])[0]
-        tokens.append(int(logits[-1].argmax()))
-    return tokens[len(prompt):]
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoint):
-    from vllm import ModelRegistry
-    from tests.models.tiny_decoder import build_tiny_decoder
-    path, model = tiny_checkpoint
-    ModelRegistry.register_model(ARCH, build_tiny_decoder)
-    return vllm_logits_and_tokens(path, PROMPTS, model.lm_head.out_features)
+def served(tiny_checkpoint, tiny_engine):
+    _, model = tiny_checkpoint
+    return logits_and_tokens(tiny_engine, PROMPTS,
+                             model.lm_head.out_features)
 
 
 def test_prefill_logits_equal_training_forward(tiny_checkpoint, served):
@@ -58,21 +31,21 @@ def test_prefill_logits_equal_training_forward(tiny_checkpoint, served):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
 
 
-def test_greedy_generation_equals_recomputation(tiny_checkpoint, served):
-    _, model = tiny_checkpoint
+def test_greedy_generation_equals_recomputation(served,
+                                                tiny_reference_tokens):
     _, generated = served
-    assert generated == [greedy_recompute(model, p, 32) for p in PROMPTS]
+    assert generated == tiny_reference_tokens
 
 
-def test_prefix_caching_and_chunked_prefill_keep_tokens(tiny_checkpoint):
-    from vllm import ModelRegistry
-    from tests.models.tiny_decoder import build_tiny_decoder
+def test_prefix_caching_and_chunked_prefill_keep_tokens(tiny_checkpoint,
+                                                        tiny_engine):
+    """The shared engine caches prefixes (vLLM's default); an engine without
+    prefix caching, prefilling in 64-token chunks, gives the same tokens."""
     path, _ = tiny_checkpoint
-    ModelRegistry.register_model(ARCH, build_tiny_decoder)
     shared = list(range(1, 200))  # spans several KV blocks
     prompts = [shared + [7], shared + [8, 9], shared, shared + [7]]
-    cached = run_llm(path, ARCH, prompts=prompts, max_tokens=16,
-                     enable_prefix_caching=True)
+    assert tiny_engine.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    cached = greedy_tokens(tiny_engine, prompts, max_tokens=16)
     uncached_chunked = run_llm(path, ARCH, prompts=prompts, max_tokens=16,
                                enable_prefix_caching=False,
                                max_num_batched_tokens=64,

@@ -30,7 +30,8 @@ import torch.distributed
 from torch import nn
 from torch.nn import functional as F
 
-from vllm.model_executor.layers import TrainableFlashAttention
+from vllm.model_executor.layers.trainable_attention import (
+    TrainableFlashAttention)
 from vllm.model_executor.models.callable_model import load_weights_by_name
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.parallel_context import ParallelContext

@@ -12,11 +12,18 @@ variable `VLLM_MODEL_REGISTRATIONS`, which child processes inherit. A child
 adds the inherited entries to its registry when the registry is imported,
 and unpickles an entry only when that architecture is first inspected or
 loaded.
+
+A `"module:attr"` registration travels as its name and is imported in each
+process. Those processes start with this process's import path: spawned
+ones through multiprocessing, the registry's inspection subprocess through
+`PYTHONPATH`; so the module must be importable here.
 """
 
 import base64
+import importlib.util
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -57,6 +64,29 @@ def propagate_registration(model_arch: str, model: Any) -> None:
             "processes in the environment. Load large objects (weights, "
             "tensors) inside the factory instead of capturing them.")
     os.environ[ENV_VAR] = encoded
+
+
+def check_module_importable(model_arch: str, module_name: str) -> None:
+    """Fail at registration, not in a worker, if `module_name` cannot be
+    imported by the processes vLLM starts."""
+    top_level = module_name.partition(".")[0]
+    try:
+        found = importlib.util.find_spec(top_level) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return
+    searched = [path or os.getcwd() for path in sys.path[:3]]
+    raise ModuleNotFoundError(
+        f"Cannot register '{model_arch}' from '{module_name}': no module "
+        f"named '{top_level}' can be imported in this process (the import "
+        f"path starts with {searched}), and vLLM imports it by name in its "
+        "engine and worker processes, which get this process's import path."
+        f" Put the directory that holds {top_level}.py (or the package "
+        f"{top_level}/) on PYTHONPATH, e.g. `PYTHONPATH=/path/to/dir python "
+        "script.py`, install it as a package, or register the factory "
+        "object itself instead of its name.",
+        name=top_level)
 
 
 def inherited_registrations() -> dict[str, "InheritedRegistration"]:
