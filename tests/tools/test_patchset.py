@@ -39,7 +39,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 6 commits (5 new files, 2 upstream")
+    assert message.startswith("applied 7 commits (5 new files, 3 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -86,7 +86,7 @@ def test_hunk_that_does_not_match_writes_nothing(release_tree):
         ":", "elif issubclass(model_cls, nn.Module):"))
     before = snapshot(release_tree)
     with pytest.raises(patchset.PatchError,
-                       match="hunk 5 of 0002-registry-model-factories.patch "
+                       match="hunk 5 of 0003-registry-model-factories.patch "
                        "does not match"):
         patchset.apply(release_tree)
     assert snapshot(release_tree) == before
@@ -96,7 +96,7 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     out = tmp_path / "series"
     patchset.export(release_tree, out)
     patches = sorted(out.glob("*.patch"))
-    assert len(patches) == 6
+    assert len(patches) == 7
     assert "[Model] Accept model factories" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.

@@ -25,7 +25,10 @@ is false.
 Without `load_weights`, checkpoint tensors are loaded by parameter name:
 parameters with a vLLM `weight_loader` (e.g. `ColumnParallelLinear`) shard
 the full tensor themselves, others must match in shape, and every missing,
-unexpected or wrongly shaped name is reported in one error.
+unexpected or wrongly shaped name is reported in one error. Later loads
+into the running engine (a trainer's weights through `LLM.apply_model` or
+`collective_rpc`, vLLM's weight-transfer engines) are updates: they name
+only what changes, and a bad one changes nothing.
 """
 
 import inspect
@@ -116,6 +119,9 @@ class CallableModelWrapper(nn.Module):
                 logger.info_once(
                     "%s: %d torch.nn.Linear layer(s) run through vLLM's "
                     "linear method.", self.model_arch, count)
+        if _load_format(vllm_config) == "dummy":
+            # No checkpoint load comes: the first load is an update.
+            setattr(model, CHECKPOINT_LOADED, True)
         self.model = model
         self.parallel_context = parallel_context
 
@@ -176,21 +182,34 @@ def load_weights_by_name(
     weights: Iterable[tuple[str, torch.Tensor]],
     model_name: str = "model",
     parallel_context: ParallelContext | None = None,
+    *,
+    require_all: bool | None = None,
 ) -> set[str]:
     """Copy each `(name, tensor)` into the parameter or buffer of that name.
 
     Full (unsharded) tensors are cut to the local shard for parameters
     with a vLLM `weight_loader` and for Megatron-core tensor-parallel
-    parameters (`tensor_model_parallel`, `partition_dim`). Raises one
-    `ValueError` naming every unexpected, wrongly shaped and missing name;
-    returns the names of the parameters loaded.
+    parameters (`tensor_model_parallel`, `partition_dim`).
+
+    A name the model does not have, a wrong shape or a tensor that is not
+    floating point for a floating parameter raises one `ValueError` naming
+    all of them; floating dtypes are cast (an fp32 trainer updates a bf16
+    engine). With `require_all` (a checkpoint) every parameter must be
+    named, and tensors are copied as they stream in. Without it (a weight
+    update) only the named parameters change, and only once every tensor
+    has passed the checks: a bad update leaves the model as it was. By
+    default the first load into `model` is the checkpoint and later loads
+    are updates. Returns the names of the parameters loaded.
     """
+    if require_all is None:
+        require_all = not getattr(model, CHECKPOINT_LOADED, False)
     # Aliases (tied weights) are accepted under each of their names.
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
-    loaded: set[str] = set()
+    loaded_ids: set[int] = set()
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # an update's
     unexpected: list[str] = []
-    wrong_shape: list[str] = []
+    wrong: list[str] = []
     mismatched: set[str] = set()
     with torch.no_grad():
         for name, tensor in weights:
@@ -198,58 +217,104 @@ def load_weights_by_name(
             if target is None:
                 unexpected.append(name)
                 continue
-            weight_loader = getattr(target, "weight_loader", None)
-            if weight_loader is not None:
-                # vLLM's parallel layers take the full tensor and shard it.
-                try:
-                    weight_loader(target, tensor)
-                except (RuntimeError, ValueError, AssertionError) as e:
-                    wrong_shape.append(
-                        f"{name}: checkpoint {tuple(tensor.shape)}, model "
-                        f"shard {tuple(target.shape)} ({type(e).__name__}: "
-                        f"{e})")
-                    mismatched.add(name)
-                    continue
-                loaded.add(name)
-                continue
-            if getattr(target, "tensor_model_parallel", False):
+            problem = _check_tensor(name, target, tensor)
+            in_place = False
+            if problem is None and getattr(target, "weight_loader", None):
+                # vLLM's parallel layers take the full tensor and shard it
+                # themselves; an update shards into a scratch copy first.
+                destination = target if require_all else _scratch_copy(
+                    target)
+                problem = _run_weight_loader(name, target, destination,
+                                             tensor)
+                tensor, in_place = destination.data, require_all
+            elif problem is None and getattr(target, "tensor_model_parallel",
+                                             False):
                 tensor = _megatron_shard(name, target, tensor,
                                          parallel_context)
-            if target.shape != tensor.shape:
-                wrong_shape.append(f"{name}: checkpoint {tuple(tensor.shape)}"
-                                   f", model {tuple(target.shape)}")
+            if problem is None and target.shape != tensor.shape:
+                problem = (f"{name}: checkpoint {tuple(tensor.shape)}, "
+                           f"model {tuple(target.shape)}")
+            if problem is not None:
+                wrong.append(problem)
                 mismatched.add(name)
                 continue
-            target.copy_(tensor)
-            loaded.add(name)
+            loaded_ids.add(id(target))
+            if require_all:
+                if not in_place:
+                    target.copy_(tensor)
+            else:
+                pending.append((target, tensor))
 
-    # A parameter is loaded when any of its names was.
-    loaded_ids = {id(params[name]) for name in loaded if name in params}
-    loaded_params = {
-        name for name, param in model.named_parameters()
-        if id(param) in loaded_ids
-    }
-    missing = [
-        name for name, _ in model.named_parameters()
-        if name not in loaded_params and name not in mismatched
-    ]
-    if unexpected or wrong_shape or missing:
-        problems = []
-        if missing:
-            problems.append(_listing("missing from the checkpoint", missing))
-        if unexpected:
-            problems.append(
-                _listing("in the checkpoint but not in the model",
-                         unexpected))
-        if wrong_shape:
-            problems.append(_listing("with the wrong shape", wrong_shape))
-        raise ValueError(
-            f"Cannot load the checkpoint into {model_name} "
-            f"({type(model).__name__}):\n" + "\n".join(problems) +
-            "\nRename the checkpoint tensors to the module's parameter names "
-            "(set `hf_to_vllm_mapper` on the module) or give the module a "
+        loaded = {
+            name for name, param in model.named_parameters()
+            if id(param) in loaded_ids
+        }
+        missing = [
+            name for name, _ in model.named_parameters()
+            if name not in loaded and name not in mismatched
+        ] if require_all else []
+        if unexpected or wrong or missing:
+            raise ValueError(
+                _load_error(model_name, model, missing, unexpected, wrong,
+                            require_all))
+        for target, tensor in pending:
+            target.copy_(tensor)
+    setattr(model, CHECKPOINT_LOADED, True)
+    return loaded
+
+
+# Set on a module once its checkpoint is loaded (or, for a model vLLM
+# initialises with dummy weights, when it is built): later loads are
+# weight updates.
+CHECKPOINT_LOADED = "vllm_checkpoint_loaded"
+
+
+def _check_tensor(name: str, target: torch.Tensor,
+                  tensor: torch.Tensor) -> str | None:
+    if not isinstance(tensor, torch.Tensor):
+        return f"{name}: got {type(tensor).__name__}, not a tensor"
+    if target.is_floating_point() and not tensor.is_floating_point():
+        return (f"{name}: dtype {tensor.dtype} for a {target.dtype} "
+                "parameter (floating-point values expected)")
+    return None
+
+
+def _scratch_copy(param: torch.Tensor) -> nn.Parameter:
+    scratch = nn.Parameter(torch.empty_like(param), requires_grad=False)
+    scratch.__dict__.update(param.__dict__)  # output_dim, weight_loader, ...
+    return scratch
+
+
+def _run_weight_loader(name: str, param: torch.Tensor,
+                       destination: torch.Tensor,
+                       full: torch.Tensor) -> str | None:
+    try:
+        param.weight_loader(destination, full)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return (f"{name}: checkpoint {tuple(full.shape)}, model shard "
+                f"{tuple(param.shape)} ({type(e).__name__}: {e})")
+    return None
+
+
+def _load_error(model_name: str, model: nn.Module, missing: list[str],
+                unexpected: list[str], wrong: list[str],
+                require_all: bool) -> str:
+    problems = []
+    if missing:
+        problems.append(_listing("missing from the checkpoint", missing))
+    if unexpected:
+        problems.append(
+            _listing("in the checkpoint but not in the model", unexpected))
+    if wrong:
+        problems.append(_listing("with the wrong shape or dtype", wrong))
+    what = ("the checkpoint" if require_all else
+            "the weight update (nothing was changed)")
+    return (f"Cannot load {what} into {model_name} "
+            f"({type(model).__name__}):\n" +
+            "\n".join(problems) +
+            "\nRename the tensors to the module's parameter names (set "
+            "`hf_to_vllm_mapper` on the module) or give the module a "
             "load_weights(weights) method.")
-    return loaded_params
 
 
 def _megatron_shard(name: str, param: torch.Tensor, full: torch.Tensor,
@@ -303,6 +368,11 @@ def _check_model(model_arch: str, factory_name: str, model: object) -> None:
             f"{type(model).__name__}, returned by the model factory "
             f"{factory_name} for '{model_arch}', lacks the method(s) vLLM "
             f"calls: {'; '.join(missing)}. Add them to the module.")
+
+
+def _load_format(vllm_config: VllmConfig) -> str:
+    load_format = vllm_config.load_config.load_format
+    return getattr(load_format, "value", load_format)
 
 
 def _listing(what: str, names: list[str], limit: int = 20) -> str:

@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Weights pushed from a trainer into a running engine: an update names
+only what changes, full tensors are cut to each TP rank, and a bad update
+changes nothing."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from tests.conftest import PROMPTS, logits_and_tokens, training_forward
+from tests.models.tiny_decoder import TinyConfig, TinyDecoder
+from vllm.model_executor.models.callable_model import load_weights_by_name
+
+# What one optimiser step of a trainer that fine-tunes the second block and
+# the LM head would send.
+UPDATED = ("layers.1.attn.q_proj.weight", "layers.1.attn.o_proj.weight",
+           "layers.1.mlp.down_proj.weight", "lm_head.weight")
+
+
+def trained(model: TinyDecoder, seed: int = 1) -> dict[str, torch.Tensor]:
+    """New values for the UPDATED parameters: the old ones, moved."""
+    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    return {name: state[name] + 0.05 * torch.randn(
+        state[name].shape, generator=generator) for name in UPDATED}
+
+
+def with_update(model: TinyDecoder, update) -> TinyDecoder:
+    updated = copy.deepcopy(model)
+    load_weights_by_name(updated, update.items(), require_all=False)
+    return updated
+
+
+def push(model, weights):
+    """Runs in every worker, on the model vLLM serves."""
+    return sorted(model.load_weights(weights.items()))
+
+
+# ------------------------------------------------------- the module alone
+
+
+def loaded_model(seed=0) -> TinyDecoder:
+    torch.manual_seed(seed)
+    model = TinyDecoder(TinyConfig())
+    load_weights_by_name(model, TinyDecoder(TinyConfig()).state_dict().items())
+    return model
+
+
+def test_update_changes_only_what_it_names():
+    model = loaded_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    update = trained(model)
+    loaded = load_weights_by_name(model, update.items())  # an update now
+    assert loaded == set(UPDATED)
+    for name, value in model.state_dict().items():
+        expected = update[name] if name in update else before[name]
+        torch.testing.assert_close(value, expected, atol=0, rtol=0)
+
+
+def test_bad_update_changes_nothing_and_names_every_problem():
+    model = loaded_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    update = trained(model)  # valid tensors ...
+    update["layers.0.attn.q_bias"] = torch.zeros(3)  # ... and three bad ones
+    update["layers.0.mlp.up_proj.weight"] = torch.zeros(5, 5)
+    update["norm.weight"] = torch.ones(128, dtype=torch.int64)
+    with pytest.raises(ValueError) as excinfo:
+        load_weights_by_name(model, update.items())
+    message = str(excinfo.value)
+    assert "weight update (nothing was changed)" in message
+    assert ("in the checkpoint but not in the model:\n    "
+            "layers.0.attn.q_bias") in message
+    assert ("layers.0.mlp.up_proj.weight: checkpoint (5, 5), model shard "
+            "(256, 128)") in message
+    assert ("norm.weight: dtype torch.int64 for a torch.float32 parameter"
+            ) in message
+    assert "missing" not in message  # an update need not name everything
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], atol=0, rtol=0)
+
+
+def test_checkpoint_must_name_every_parameter():
+    model = TinyDecoder(TinyConfig())
+    state = dict(model.state_dict())
+    del state["norm.weight"]
+    with pytest.raises(ValueError, match="missing from the checkpoint:\n"
+                       "    norm.weight"):
+        load_weights_by_name(model, state.items())
+
+
+def test_update_casts_floating_dtypes():
+    model = loaded_model()
+    update = {name: value.double() for name, value in trained(model).items()}
+    load_weights_by_name(model, update.items())
+    torch.testing.assert_close(model.lm_head.weight,
+                               update["lm_head.weight"].float())
+
+
+# --------------------------------------------- running engines, TP=1 and 2
+
+
+@pytest.mark.parametrize("engine_fixture", ["tiny_engine", "tiny_engine_tp2"])
+def test_update_reaches_running_engine(request, tiny_checkpoint,
+                                       engine_fixture):
+    """Push part of the weights, reset the prefix cache, and vLLM computes
+    the updated model's logits; a bad update after it raises and leaves the
+    engine serving the same weights; pushing the old values restores them."""
+    llm = request.getfixturevalue(engine_fixture)
+    _, model = tiny_checkpoint
+    vocab = model.lm_head.out_features
+    update = trained(model)
+    old = {name: model.state_dict()[name].clone() for name in UPDATED}
+    updated_model = with_update(model, update)
+
+    loaded = llm.apply_model(functools.partial(push, weights=update))
+    try:
+        llm.reset_prefix_cache()  # KV computed with the old weights
+        after, _ = logits_and_tokens(llm, PROMPTS, vocab)
+        bad = dict(update, **{"lm_head.weight": torch.zeros(3, 3)})
+        with pytest.raises(Exception, match="nothing was changed"):
+            llm.apply_model(functools.partial(push, weights=bad))
+        after_bad, _ = logits_and_tokens(llm, PROMPTS, vocab)
+    finally:
+        llm.apply_model(functools.partial(push, weights=old))
+        llm.reset_prefix_cache()
+    restored, _ = logits_and_tokens(llm, PROMPTS, vocab)
+
+    # each worker loaded exactly the names sent (its shard of each)
+    assert loaded == [[f"model.{name}" for name in sorted(UPDATED)]] * len(
+        loaded)
+    for got, want in zip(after, training_forward(updated_model, PROMPTS)):
+        torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
+    for got, want in zip(after_bad, after):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for got, want in zip(restored, training_forward(model, PROMPTS)):
+        torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
+    assert (torch.cat(after) - torch.cat(restored)).abs().max() > 1e-2
