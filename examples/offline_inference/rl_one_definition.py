@@ -11,7 +11,8 @@ engine. The task has a programmatic reward: after a digit `d`, continue
 counting (`d+1, d+2, ...` mod 10); the reward is the fraction of the
 sampled tokens that do.
 
-    python examples/offline_inference/rl_one_definition.py [--steps 60] [--device cuda --dtype bfloat16]
+    python examples/offline_inference/rl_one_definition.py [--steps 60]
+    python examples/offline_inference/rl_one_definition.py --device cuda --dtype bfloat16
 
 Each step prints the reward, the time the weight push took, and the
 largest difference between vLLM's and the trainer's log-probabilities of
@@ -144,8 +145,8 @@ def write_model_dir(policy: Policy, dtype: str) -> Path:
         "architectures": ["RLPolicy"], "model_type": "gpt2",
         "vocab_size": VOCAB, "n_embd": 128, "n_layer": 2, "n_head": 2,
         "n_positions": 64, "torch_dtype": dtype}))
-    save_file({k: v.contiguous() for k, v in policy.state_dict().items()},
-              str(path / "model.safetensors"))
+    state = {k: v.cpu().contiguous() for k, v in policy.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"))
     return path
 
 

@@ -176,8 +176,9 @@ def test_unmatched_names_are_reported_together(tmp_path):
     assert "missing from the checkpoint:\n    norm.weight" in message
     assert ("in the checkpoint but not in the model:\n    "
             "layers.0.attention.wqkv_bias") in message
-    assert ("with the wrong shape or dtype:\n    layers.1.feed_forward.w2.weight: "
-            "checkpoint (5, 5), model shard (128, 256)") in message
+    assert ("with the wrong shape or dtype:\n    "
+            "layers.1.feed_forward.w2.weight: checkpoint (5, 5), model shard "
+            "(128, 256)") in message
 
 
 def test_mapper_takes_torchtitan_variants():
