@@ -181,9 +181,16 @@ _running: dict[str, object] = {}
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(items):
-    """Mark the last test that uses each shared engine."""
+    """Mark the last test that uses each shared engine: by argument, or by a
+    parameter naming it for `request.getfixturevalue`."""
+
+    def uses(item, name):
+        params = getattr(item, "callspec", None)
+        return name in item.fixturenames or (
+            params is not None and name in params.params.values())
+
     for name in SHARED_ENGINES:
-        users = [item for item in items if name in item.fixturenames]
+        users = [item for item in items if uses(item, name)]
         if users:
             users[-1].stash.setdefault(_LAST_USER_OF, []).append(name)
 
