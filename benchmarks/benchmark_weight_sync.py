@@ -7,12 +7,19 @@ and the bandwidth reached against the copy's physical limit.
     python benchmarks/benchmark_weight_sync.py --size 0.6b    # GPU
     python benchmarks/benchmark_weight_sync.py --size small   # CPU
 
-The push is `LLM.apply_model` with the trainer's state dict as CPU tensors
-(what `examples/offline_inference/rl_one_definition.py` does): the tensors
-are serialised to the engine core and on to each worker, which loads them
-through the model's `load_weights` (an all-or-nothing update). The
-physical limit is one copy of the same bytes: host memory to host memory
-on the CPU, pinned host memory to the GPU on CUDA.
+Two push paths, both ending in the model's `load_weights` in each worker:
+
+- `LLM.apply_model` with the trainer's state dict as CPU tensors (what
+  `examples/offline_inference/rl_one_definition.py` does): the tensors are
+  serialised to the engine core and on to each worker. Every platform.
+- CUDA only: vLLM's CUDA-IPC weight-transfer engine
+  (`weight_transfer_config={"backend": "ipc"}`), for a trainer whose
+  weights are on the same GPU: the workers open the trainer's tensors by
+  IPC handle, nothing is serialised but the handles.
+
+The physical limit is one copy of the same bytes: host memory to host
+memory on the CPU, pinned host memory to the GPU on CUDA (what the first
+path pays at least), GPU to GPU on CUDA (the IPC path).
 """
 
 import argparse
@@ -41,21 +48,38 @@ def load_pushed_weights(model, weights):
     return len(model.load_weights(weights.items()))
 
 
-def copy_limit_seconds(state: dict[str, torch.Tensor], device: str) -> float:
-    """One copy of the same bytes: the bound any push path has to pay."""
-    if device == "cuda":
-        sources = [t.pin_memory() for t in state.values()]
-        targets = [torch.empty_like(t, device="cuda") for t in sources]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for source, target in zip(sources, targets):
-            target.copy_(source, non_blocking=True)
-        torch.cuda.synchronize()
+def push_by_ipc(llm, trainer) -> None:
+    """vLLM's CUDA-IPC weight-transfer engine, the trainer on the same GPU."""
+    from dataclasses import asdict
+
+    from vllm.distributed.weight_transfer.ipc_engine import (
+        IPCTrainerSendWeightsArgs, IPCWeightTransferEngine)
+    llm.start_weight_update()
+    IPCWeightTransferEngine.trainer_send_weights(
+        trainer.named_parameters(),
+        IPCTrainerSendWeightsArgs(send_mode=lambda info: llm.update_weights(
+            {"update_info": asdict(info)})))
+    llm.finish_weight_update()
+
+
+def copy_limit_seconds(state: dict[str, torch.Tensor], source: str,
+                       target: str) -> float:
+    """One copy of the same bytes from `source` to `target` memory ("cpu"
+    or "cuda"; host memory pinned when copied to the GPU): the bound a push
+    path has to pay."""
+    if source == "cuda":
+        inputs = [t.cuda() for t in state.values()]
     else:
-        targets = [torch.empty_like(t) for t in state.values()]
-        start = time.perf_counter()
-        for source, target in zip(state.values(), targets):
-            target.copy_(source)
+        inputs = [t.pin_memory() if target == "cuda" else t
+                  for t in state.values()]
+    outputs = [torch.empty_like(t, device=target) for t in inputs]
+    if "cuda" in (source, target):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for tensor, output in zip(inputs, outputs):
+        output.copy_(tensor, non_blocking=True)
+    if "cuda" in (source, target):
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -65,6 +89,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--no-ipc", action="store_true",
+                        help="CUDA: skip the weight-transfer engine path")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
@@ -83,10 +109,15 @@ def main():
         model_dir = Path(tmp) / "model"
         write_config(model_dir, ARCH, config, args.dtype)
 
+        use_ipc = device == "cuda" and not args.no_ipc
+
         def start_engine():
+            extra = ({"weight_transfer_config": {"backend": "ipc"}}
+                     if use_ipc else {})
             return LLM(model=str(model_dir), load_format="dummy",
                        skip_tokenizer_init=True, dtype=args.dtype,
-                       max_model_len=512, gpu_memory_utilization=memory)
+                       max_model_len=512, gpu_memory_utilization=memory,
+                       **extra)
 
         start = time.perf_counter()
         llm = start_engine()
@@ -105,6 +136,26 @@ def main():
         assert loaded == [len(state)], loaded
         pushes = pushes[1:]
 
+        ipc_pushes, ipc_error = [], None
+        if use_ipc:
+            on_gpu = trainer.cuda()
+            try:
+                llm.init_weight_transfer_engine({"init_info": {}})
+                for index in range(args.rounds + 1):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    push_by_ipc(llm, on_gpu)
+                    llm.reset_prefix_cache()
+                    ipc_pushes.append(time.perf_counter() - start)
+                    print(f"IPC push {index}"
+                          f"{' (warm-up)' if index == 0 else ''}: "
+                          f"{ipc_pushes[-1]:.3f} s", flush=True)
+                ipc_pushes = ipc_pushes[1:]
+            except Exception as error:  # reported in the table
+                ipc_error = f"{type(error).__name__}: {error}"
+                print(f"IPC push failed: {ipc_error}", flush=True)
+            del on_gpu
+
         start = time.perf_counter()
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -112,9 +163,8 @@ def main():
         restart = time.perf_counter() - start
         llm.llm_engine.engine_core.shutdown()
 
-    limits = [copy_limit_seconds(state, device) for _ in range(3)]
+    limit = min(copy_limit_seconds(state, "cpu", device) for _ in range(3))
     push = statistics.median(pushes)
-    limit = min(limits)
     gigabytes = total_bytes / 1e9
     print(f"\n{args.size} ({sum(t.numel() for t in state.values()) / 1e6:.0f}M"
           f" parameters, {args.dtype}, {gigabytes:.3f} GB) on {device}, "
@@ -125,9 +175,22 @@ def main():
           f"(min {min(pushes):.3f}, max {max(pushes):.3f})")
     print(f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
           f"{restart:9.3f}          (first start {first_start:.1f} s)")
+    if use_ipc and ipc_pushes:
+        ipc = statistics.median(ipc_pushes)
+        print(f"{'push, CUDA-IPC weight-transfer engine (median)':52s} "
+              f"{ipc:9.3f} {gigabytes / ipc:8.2f}   "
+              f"(min {min(ipc_pushes):.3f}, max {max(ipc_pushes):.3f})")
+    elif use_ipc:
+        print(f"{'push, CUDA-IPC weight-transfer engine':52s} failed: "
+              f"{ipc_error}")
     copy = "pinned host -> GPU" if device == "cuda" else "host -> host"
     print(f"{'physical limit: one ' + copy + ' copy of the bytes':52s} "
           f"{limit:9.3f} {gigabytes / limit:8.2f}")
+    if use_ipc:
+        gpu_limit = min(copy_limit_seconds(state, "cuda", "cuda")
+                        for _ in range(3))
+        print(f"{'physical limit: one GPU -> GPU copy of the bytes':52s} "
+              f"{gpu_limit:9.3f} {gigabytes / gpu_limit:8.2f}")
     print(f"push vs restart: {restart / push:.1f}x faster; push reaches "
           f"{limit / push:.1%} of the copy limit")
 

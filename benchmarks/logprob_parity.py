@@ -1,0 +1,229 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Trainer/generator log-probability parity with one model definition.
+
+vLLM samples sequences from the TorchTitan Qwen3 (random weights pushed
+into the running engine) and reports each sampled token's log-probability
+(`SamplingParams(logprobs=0)`); the trainer recomputes them with the same
+module: all sequences packed into one varlen batch (`cu_seqlens`), through
+`TrainableFlashAttention`'s training path. Prints max and mean |diff| and
+the fraction of tokens whose log-probabilities are bitwise equal.
+
+    python benchmarks/logprob_parity.py --size 0.6b --dtype bfloat16           # GPU
+    VLLM_BATCH_INVARIANT=1 python benchmarks/logprob_parity.py --size 0.6b \\
+        --dtype bfloat16 --enforce-eager --flash-attn-version 2                # GPU
+    python benchmarks/logprob_parity.py --size small --dtype float32           # CPU
+
+With VLLM_BATCH_INVARIANT=1 the trainer's process turns on vLLM's
+batch-invariant mode too, so both sides run the same GEMM, softmax and
+reduction settings. `--trace` also runs one sequence through both with a
+forward hook on every submodule and prints the first module whose output
+differs, for the prompt (prefill) and for the next token (decode).
+"""
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples/offline_inference/torchtitan_qwen3"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from benchmark_torchtitan_qwen3 import SIZES, write_config  # noqa: E402
+from model import ARCH, Qwen3Model, build_qwen3  # noqa: E402
+
+# ------------------------------------------------- run inside each worker
+
+
+def push_weights(model, weights):
+    return len(model.load_weights(weights.items()))
+
+
+def add_hooks(model):
+    """Record every submodule's output on each forward call; the records
+    live on the model, as these functions reach the worker by value."""
+    module = getattr(model, "model", model)  # the factory's module in vLLM
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def record(name, module, args, output):
+        if isinstance(output, tuple):
+            output = output[0]
+        captured.setdefault(name, []).append(output.detach().float().cpu())
+
+    handles = [child.register_forward_hook(functools.partial(record, name))
+               for name, child in module.named_modules() if name]
+    model.parity_trace = (captured, handles)
+    return len(handles)
+
+
+def take_hooks(model):
+    captured, handles = model.parity_trace
+    for handle in handles:
+        handle.remove()
+    del model.parity_trace
+    return captured
+
+
+# ------------------------------------------------------------ the trainer
+
+
+def trainer_logprobs(model, sequences, prompt_len, device):
+    """Log-probabilities of every sequence's generated tokens, recomputed
+    with all sequences packed into one varlen batch."""
+    lengths = [len(s) for s in sequences]
+    input_ids = torch.tensor([t for s in sequences for t in s], device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
+        0, dtype=torch.int32)
+    with torch.no_grad():
+        logits = model.compute_logits(
+            model(input_ids, positions, cu_seqlens=cu_seqlens))
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    result, start = [], 0
+    for sequence in sequences:
+        rows = logprobs[start + prompt_len - 1:start + len(sequence) - 1]
+        targets = torch.tensor(sequence[prompt_len:], device=device)
+        result.append(rows.gather(1, targets[:, None])[:, 0].cpu())
+        start += len(sequence)
+    return result
+
+
+def first_difference(vllm_outputs, trainer_outputs, rows):
+    """(module, max |diff|) of the first module, in forward order, whose
+    output rows differ; None if every module's rows are equal."""
+    for name, ours in trainer_outputs.items():
+        theirs = vllm_outputs.get(name)
+        if theirs is None:
+            continue
+        a, b = ours[rows], theirs
+        # vLLM computes logits for the sampled positions only
+        n = min(len(a), len(b))
+        a, b = a[len(a) - n:], b[:n] if len(b) > len(a) else b[len(b) - n:]
+        if a.shape != b.shape or not torch.equal(a, b):
+            diff = (a - b).abs().max().item() if a.shape == b.shape else None
+            return name, diff
+    return None
+
+
+def trace(llm, model, prompt, sampling_params_cls, device):
+    """The first module whose output differs, in the prompt's prefill and in
+    the decode step that follows it."""
+    llm.apply_model(functools.partial(add_hooks))
+    llm.generate([{"prompt_token_ids": prompt}],
+                 sampling_params_cls(max_tokens=2, temperature=0.0,
+                                     ignore_eos=True, detokenize=False),
+                 use_tqdm=False)
+    captured = llm.apply_model(functools.partial(take_hooks))[0]
+    prefill = {name: calls[0] for name, calls in captured.items()}
+    decode = {name: calls[1] for name, calls in captured.items()
+              if len(calls) > 1}
+
+    trainer_captured = {}
+    handles = [child.register_forward_hook(
+        lambda module, args, output, name=name: trainer_captured.__setitem__(
+            name, (output[0] if isinstance(output, tuple) else output)
+            .detach().float().cpu()))
+        for name, child in model.named_modules() if name]
+    # the prompt plus vLLM's first greedy token, as one training sequence
+    first_token = int(captured["output"][0][-1].argmax())
+    full = prompt + [first_token]
+    trainer_logprobs(model, [full], len(full) - 1, device)
+    for handle in handles:
+        handle.remove()
+    n = len(prompt)
+    return (first_difference(prefill, trainer_captured, slice(0, n)),
+            first_difference(decode, trainer_captured, slice(n, n + 1)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--flash-attn-version", type=int, default=None)
+    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
+    dtype = getattr(torch, args.dtype)
+    batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
+
+    from vllm import LLM, ModelRegistry, SamplingParams
+    if batch_invariant:  # the trainer's ops under the same settings
+        from vllm.model_executor.layers.batch_invariant import (
+            init_batch_invariance)
+        init_batch_invariance()
+    ModelRegistry.register_model(ARCH, build_qwen3)
+    config = SIZES[args.size]
+    torch.manual_seed(0)
+    trainer = Qwen3Model(config).to(device=device, dtype=dtype).train()
+    weights = {name: p.detach().cpu()
+               for name, p in trainer.named_parameters()}
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(10, config.vocab_size,
+                            (args.num_prompts, args.prompt_len),
+                            generator=generator).tolist()
+    extra = ({"attention_config": {
+        "flash_attn_version": args.flash_attn_version}}
+             if args.flash_attn_version else {})
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        write_config(model_dir, ARCH, config, args.dtype)
+        llm = LLM(model=str(model_dir), load_format="dummy",
+                  skip_tokenizer_init=True, dtype=args.dtype, seed=0,
+                  max_model_len=args.prompt_len + args.output_len + 16,
+                  gpu_memory_utilization=memory,
+                  enforce_eager=args.enforce_eager,
+                  enable_prefix_caching=False, **extra)
+        loaded = llm.apply_model(functools.partial(push_weights,
+                                                   weights=weights))
+        assert set(loaded) == {len(weights)}, loaded
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=args.output_len, temperature=1.0,
+                           seed=0, logprobs=0, ignore_eos=True,
+                           detokenize=False), use_tqdm=False)
+        sequences, generator_logprobs = [], []
+        for prompt, output in zip(prompts, outputs):
+            sample = output.outputs[0]
+            sequences.append(prompt + list(sample.token_ids))
+            generator_logprobs.append(torch.tensor(
+                [entry[token].logprob
+                 for entry, token in zip(sample.logprobs, sample.token_ids)]))
+        first_differences = (trace(llm, trainer, prompts[0], SamplingParams,
+                                   device) if args.trace else None)
+        llm.llm_engine.engine_core.shutdown()
+
+    trained = trainer_logprobs(trainer, sequences, args.prompt_len, device)
+    diff = torch.cat([(a - b).abs() for a, b in zip(trained,
+                                                    generator_logprobs)])
+    mode = ", ".join(filter(None, [
+        "batch-invariant" if batch_invariant else None,
+        "eager" if args.enforce_eager else "compiled",
+        f"FA{args.flash_attn_version}" if args.flash_attn_version else None]))
+    print(f"\n{args.size}, {args.dtype} on {device} ({mode}): "
+          f"{args.num_prompts} prompts x {args.output_len} sampled tokens")
+    print(f"|vLLM logprob - trainer logprob|: max {diff.max():.3e}, "
+          f"mean {diff.mean():.3e}; bitwise equal "
+          f"{(diff == 0).float().mean():.1%} of {diff.numel()} tokens")
+    if first_differences is not None:
+        for phase, found in zip(("prefill", "decode"), first_differences):
+            print(f"first module whose output differs ({phase}): " + (
+                f"{found[0]} (max |diff| {found[1]})" if found else
+                "none, every module's output is bitwise equal"))
+
+
+if __name__ == "__main__":
+    main()
