@@ -152,6 +152,9 @@ def main():
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--flash-attn-version", type=int, default=None)
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--init-std", type=float, default=0.02,
+                        help="normal init of every weight matrix, at a "
+                        "trained model's scale (0 keeps PyTorch's defaults)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,7 +170,15 @@ def main():
     ModelRegistry.register_model(ARCH, build_qwen3)
     config = SIZES[args.size]
     torch.manual_seed(0)
-    trainer = Qwen3Model(config).to(device=device, dtype=dtype).train()
+    trainer = Qwen3Model(config)
+    if args.init_std:
+        # PyTorch's default init gives N(0, 1) embeddings that dwarf every
+        # block's output, so rounding in the residual add hides differences
+        # in attention; a trained model's scale lets them through.
+        for parameter in trainer.parameters():
+            if parameter.dim() == 2:
+                torch.nn.init.normal_(parameter, std=args.init_std)
+    trainer = trainer.to(device=device, dtype=dtype).train()
     weights = {name: p.detach().cpu()
                for name, p in trainer.named_parameters()}
 
@@ -213,7 +224,8 @@ def main():
         "batch-invariant" if batch_invariant else None,
         "eager" if args.enforce_eager else "compiled",
         f"FA{args.flash_attn_version}" if args.flash_attn_version else None]))
-    print(f"\n{args.size}, {args.dtype} on {device} ({mode}): "
+    print(f"\n{args.size}, {args.dtype} on {device} ({mode}, init std "
+          f"{args.init_std or 'default'}): "
           f"{args.num_prompts} prompts x {args.output_len} sampled tokens")
     print(f"|vLLM logprob - trainer logprob|: max {diff.max():.3e}, "
           f"mean {diff.mean():.3e}; bitwise equal "
