@@ -33,6 +33,10 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# vLLM forks its engine process when CUDA is not initialised yet; this
+# process has used torch's CPU thread pool (building the trainer's model)
+# by then, and a forked child that uses it again can hang.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/torchtitan_qwen3"))

@@ -5,13 +5,14 @@
 The policy below is plain PyTorch with `TrainableFlashAttention`. vLLM
 samples every batch from it; the trainer recomputes the sampled tokens'
 log-probabilities with the same module (packed sequences, the attention's
-training path), takes a GRPO step (advantages normalised within each
-prompt's group of samples), and pushes the new weights into the running
-engine. The task has a programmatic reward: after a digit `d`, continue
-counting (`d+1, d+2, ...` mod 10); the reward is the fraction of the
-sampled tokens that do.
+training path), takes a GRPO step, and pushes the new weights into the
+running engine. The task has a programmatic reward: after a digit `d`,
+continue counting (`d+1, d+2, ...` mod 10); each sampled token that does
+earns 1, and a completion's reward is the fraction of its tokens that do.
+Advantages are normalised within each prompt's group of samples and each
+token is credited with the rewards from it to the end of its completion.
 
-    python examples/offline_inference/rl_one_definition.py [--steps 60]
+    python examples/offline_inference/rl_one_definition.py [--steps 120]
     python examples/offline_inference/rl_one_definition.py --device cuda --dtype bfloat16
 
 Each step prints the reward, the time the weight push took, and the
@@ -96,9 +97,22 @@ def build_policy(vllm_config, parallel_context):
     return Policy(vllm_config.model_config.hf_config.vocab_size)
 
 
-def reward(prompt: int, completion: list[int]) -> float:
-    expected = [(prompt + i) % 10 for i in range(1, len(completion) + 1)]
-    return sum(a == b for a, b in zip(completion, expected)) / len(expected)
+def token_rewards(prompt: int, completion: list[int]) -> list[float]:
+    """1 for each token that continues the count, else 0; a completion's
+    reward is their mean."""
+    return [float(token == (prompt + i) % 10)
+            for i, token in enumerate(completion, start=1)]
+
+
+def advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """GRPO with per-token rewards (`[prompts, samples, tokens]`), as in
+    DeepSeekMath's process supervision: normalise the rewards within each
+    prompt's group of samples, and credit each token with the normalised
+    rewards from it to the end of its completion."""
+    mean = rewards.mean((1, 2), keepdim=True)
+    std = rewards.std((1, 2), keepdim=True)
+    normalised = (rewards - mean) / (std + 1e-4)
+    return normalised.flip(-1).cumsum(-1).flip(-1)
 
 
 def sequence_logprobs(policy, prompts, completions) -> list[torch.Tensor]:
@@ -152,10 +166,10 @@ def write_model_dir(policy: Policy, dtype: str) -> Path:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--samples-per-prompt", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32",
                         choices=["float32", "bfloat16"])
@@ -173,16 +187,23 @@ def main():
               skip_tokenizer_init=True, dtype=args.dtype, seed=0,
               max_model_len=64, gpu_memory_utilization=0.2,
               use_tqdm_on_load=VERBOSE)
-    sampling = SamplingParams(n=args.samples_per_prompt, temperature=1.0,
+
+    def sampling(seed):
+        # A seed per request (its samples take seed, seed + 1, ...): the run
+        # is reproducible, whatever order the engine schedules requests in.
+        return SamplingParams(n=args.samples_per_prompt, temperature=1.0,
                               max_tokens=COMPLETION_TOKENS, ignore_eos=True,
-                              logprobs=0, detokenize=False)
+                              logprobs=0, detokenize=False, seed=seed)
 
     history = []
     progress = tqdm(range(args.steps), desc="GRPO", unit="step")
     for step in progress:
         prompts = torch.randint(0, 10, (args.prompts_per_step, )).tolist()
-        outputs = llm.generate([{"prompt_token_ids": [p]} for p in prompts],
-                               sampling, use_tqdm=False)
+        first_seed = step * args.prompts_per_step * args.samples_per_prompt
+        outputs = llm.generate(
+            [{"prompt_token_ids": [p]} for p in prompts],
+            [sampling(first_seed + i * args.samples_per_prompt)
+             for i in range(len(prompts))], use_tqdm=False)
         flat_prompts, completions, vllm_logprobs, rewards = [], [], [], []
         for prompt, output in zip(prompts, outputs):
             for sample in output.outputs:
@@ -192,18 +213,18 @@ def main():
                 vllm_logprobs.append(torch.tensor(
                     [entry[t].logprob for entry, t in zip(sample.logprobs,
                                                           tokens)]))
-                rewards.append(reward(prompt, tokens))
-        rewards_t = torch.tensor(rewards).view(args.prompts_per_step, -1)
-        advantages = ((rewards_t - rewards_t.mean(1, keepdim=True)) /
-                      (rewards_t.std(1, keepdim=True) + 1e-4)).flatten()
+                rewards.append(token_rewards(prompt, tokens))
+        rewards_t = torch.tensor(rewards).view(args.prompts_per_step,
+                                               args.samples_per_prompt, -1)
+        token_advantages = advantages(rewards_t).flatten(0, 1)
 
         policy.train()
         logprobs = sequence_logprobs(policy, flat_prompts, completions)
         logprob_diff = max(
             (ours.detach().cpu() - theirs).abs().max().item()
             for ours, theirs in zip(logprobs, vllm_logprobs))
-        loss = -sum(a * lp.sum() for a, lp in zip(
-            advantages.tolist(), logprobs)) / len(logprobs)
+        loss = -sum((a.to(lp) * lp).sum() for a, lp in zip(
+            token_advantages, logprobs)) / len(logprobs)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
