@@ -49,7 +49,7 @@ def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
     """A real vLLM engine on a test checkpoint: token-id prompts, fp32
     unless `dtype` says otherwise, a small KV cache."""
     from vllm import LLM
-    if tensor_parallel_size > 1:
+    if tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1) > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     kwargs.setdefault("dtype", "float32")
     return LLM(model=str(model_dir),

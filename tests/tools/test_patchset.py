@@ -39,7 +39,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 7 commits (5 new files, 3 upstream")
+    assert message.startswith("applied 8 commits (7 new files, 3 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -96,7 +96,7 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     out = tmp_path / "series"
     patchset.export(release_tree, out)
     patches = sorted(out.glob("*.patch"))
-    assert len(patches) == 7
+    assert len(patches) == 8
     assert "[Model] Accept model factories" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.

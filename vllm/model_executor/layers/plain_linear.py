@@ -104,7 +104,8 @@ def refresh_vllm_linear_method(model: nn.Module,
     loaded into a running engine)."""
     loaded_ids = {id(tensor) for tensor in loaded}
     for module in model.modules():
-        if not (isinstance(module, VllmLinearForward)
+        if not (isinstance(getattr(module, "quant_method", None),
+                           PlainLinearMethod)
                 and getattr(module, "vllm_weights_processed", False)):
             continue
         if id(module.weight) in loaded_ids or (module.bias is not None and

@@ -68,6 +68,9 @@ class CallableModelWrapper(nn.Module):
 
     model_factory: ClassVar[ModelFactory]
     model_arch: ClassVar[str]
+    # Checked when the module is built: a `_pp_plan`, or a module that
+    # handles pipeline stages itself (see __init__).
+    supports_pp: ClassVar[bool] = True
 
     @classmethod
     def for_factory(cls, model_arch: str,
@@ -107,6 +110,9 @@ class CallableModelWrapper(nn.Module):
                 f"The model factory {factory_name} registered for "
                 f"'{self.model_arch}' raised {type(e).__name__}: {e}") from e
         _check_model(self.model_arch, factory_name, model)
+        self.tp_plan_applied = False
+        self.pipeline_stage = None
+        self._apply_parallel_plans(model, parallel_context, vllm_config)
         bind_trainable_attention(model, vllm_config.cache_config,
                                  prefix=f"{prefix}.model" if prefix else
                                  "model")
@@ -124,6 +130,45 @@ class CallableModelWrapper(nn.Module):
             setattr(model, CHECKPOINT_LOADED, True)
         self.model = model
         self.parallel_context = parallel_context
+
+    def _apply_parallel_plans(self, model: nn.Module,
+                              parallel_context: ParallelContext,
+                              vllm_config: VllmConfig) -> None:
+        """Shard the module from its `_tp_plan` and place its pipeline stage
+        from its `_pp_plan` (see parallel_plan.py)."""
+        from vllm.model_executor.models.parallel_plan import (
+            PipelineStage, get_plan, shard_by_tp_plan)
+        tp_plan = get_plan(model, "tp")
+        if tp_plan and parallel_context.tp_size > 1:
+            shard_by_tp_plan(model, tp_plan, parallel_context,
+                             self.model_arch)
+            self.tp_plan_applied = True
+        if parallel_context.pp_size == 1:
+            return
+        pp_plan = get_plan(model, "pp")
+        if pp_plan:
+            self.pipeline_stage = PipelineStage(
+                model, pp_plan, parallel_context,
+                vllm_config.model_config.get_hidden_size(), self.model_arch)
+        elif not hasattr(model, "make_empty_intermediate_tensors"):
+            raise ModelFactoryError(
+                f"{type(model).__name__} (model '{self.model_arch}') cannot "
+                f"run with pipeline_parallel_size="
+                f"{parallel_context.pp_size}: give its class a `_pp_plan` "
+                "({module name: ([input names], [output names])} in forward "
+                "order, one entry holding the nn.ModuleList of layers), or "
+                "build only this stage in the factory (from "
+                "parallel_context.pp_rank, vLLM's PPMissingLayer for the "
+                "rest), take and return IntermediateTensors in forward and "
+                "define make_empty_intermediate_tensors(batch_size, dtype, "
+                "device).")
+
+    def make_empty_intermediate_tensors(self, batch_size: int,
+                                        dtype: torch.dtype,
+                                        device: torch.device):
+        owner = self.pipeline_stage or self.model
+        return owner.make_empty_intermediate_tensors(batch_size, dtype,
+                                                     device)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed = getattr(self.model, "embed_input_ids", None)
@@ -148,7 +193,15 @@ class CallableModelWrapper(nn.Module):
             kwargs["intermediate_tensors"] = intermediate_tensors
         if inputs_embeds is not None:
             kwargs["inputs_embeds"] = inputs_embeds
-        return self.model(input_ids, positions, **kwargs)
+        if self.pipeline_stage is not None:
+            return self.pipeline_stage(input_ids, positions, **kwargs)
+        if not self.tp_plan_applied:
+            return self.model(input_ids, positions, **kwargs)
+        try:
+            return self.model(input_ids, positions, **kwargs)
+        except RuntimeError as e:
+            raise _sharded_forward_error(self.model, self.model_arch,
+                                         e) from e
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden_states)
@@ -175,6 +228,17 @@ class CallableModelWrapper(nn.Module):
         refresh_vllm_linear_method(
             self.model, (params[name] for name in loaded if name in params))
         return {f"model.{name}" for name in loaded}
+
+
+def _sharded_forward_error(model: nn.Module, model_arch: str,
+                           error: RuntimeError) -> RuntimeError:
+    from vllm.model_executor.models.parallel_plan import failing_module
+    where = failing_module(model, error) or type(model).__name__
+    return RuntimeError(
+        f"{where} (model '{model_arch}') failed after tensor-parallel "
+        f"sharding from its _tp_plan: {error}\nColumn-sharded projections "
+        "now return this rank's heads only: reshape with -1 or the local "
+        "head count (heads // tp_size), not a hard-coded global one.")
 
 
 def load_weights_by_name(
@@ -211,9 +275,17 @@ def load_weights_by_name(
     unexpected: list[str] = []
     wrong: list[str] = []
     mismatched: set[str] = set()
+    # Pipeline stages hold only their own layers; the rest are
+    # PPMissingLayer, whose weights other stages load.
+    other_stages = tuple(
+        f"{name}." for name, module in model.named_modules()
+        if type(module).__name__ == "PPMissingLayer")
     with torch.no_grad():
         for name, tensor in weights:
             target = params.get(name, buffers.get(name))
+            if target is None and other_stages and name.startswith(
+                    other_stages):
+                continue
             if target is None:
                 unexpected.append(name)
                 continue

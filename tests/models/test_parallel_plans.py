@@ -1,0 +1,257 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Tensor and pipeline parallelism from a plain module's `_tp_plan` and
+`_pp_plan` (a Forgather-style decoder of plain `nn.Linear` layers), and
+the tools that validate a plan."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import (MAX_TOKENS, PROMPTS, REPO, greedy_recompute,
+                            logits_and_tokens, make_llm, shutdown_llm,
+                            training_forward)
+from tests.models.forgather_style import (ARCH, TP_PLAN, ForgatherStyleModel,
+                                          build_forgather_style, with_plan,
+                                          write_checkpoint)
+from vllm.model_executor.models.plan_validation import (
+    print_model_structure, validate_vllm_plans)
+
+WRONG_STYLE = dict(TP_PLAN, **{
+    "model.layer_stack.layers.*.attention.output_linear": "colwise"})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("forgather_style")
+    return path, write_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The PyTorch module's own logits and greedy tokens."""
+    _, model = checkpoint
+    return (training_forward(model, PROMPTS),
+            [greedy_recompute(model, p) for p in PROMPTS])
+
+
+def served(path, vocab, factory=build_forgather_style, **kwargs):
+    """Logits and greedy tokens from an engine started for this call, and
+    the module's layout in each worker."""
+    from vllm import ModelRegistry
+    arch = f"{ARCH}_{factory.__name__}"
+    ModelRegistry.register_model(arch, factory)
+    llm = make_llm(path, arch, max_logprobs=vocab,
+                   logprobs_mode="raw_logits", **kwargs)
+    try:
+        logits, tokens = logits_and_tokens(llm, PROMPTS, vocab)
+        layout = llm.apply_model(_layout)
+    finally:
+        shutdown_llm(llm)
+    return logits, tokens, layout
+
+
+def _layout(model):
+    """Runs in each worker: the local shapes and stage of the module."""
+    inner = model.model
+    layers = inner.model.layer_stack.layers
+    present = [i for i, layer in enumerate(layers)
+               if type(layer).__name__ != "PPMissingLayer"]
+    attention = next((layers[i].attention for i in present), None)
+    return {
+        "layers": present,
+        "query_shape": (tuple(attention.query_linear.weight.shape)
+                        if attention else None),
+        "local_heads": attention.attn.num_heads if attention else None,
+        "params": sum(p.numel() for p in inner.parameters()),
+    }
+
+
+@pytest.fixture(scope="module")
+def tp1(checkpoint):
+    _, model = checkpoint
+    return served(checkpoint[0], model.model.output_decoder.out_features)
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_same(result, tp1, reference):
+    logits, tokens, _ = result
+    ref_logits, ref_tokens = reference
+    for ours, base, ref in zip(logits, tp1[0], ref_logits):
+        assert _max_diff(ours, base) < 1e-4
+        assert _max_diff(ours, ref[:-1]) < 1e-4  # ref has the last one too
+    assert tokens == tp1[1] == ref_tokens
+    assert all(len(t) == MAX_TOKENS for t in tokens)
+
+
+def test_tp1_matches_the_module(tp1, reference):
+    logits, tokens, layout = tp1
+    _assert_same(tp1, tp1, reference)
+    assert layout[0]["query_shape"] == (256, 128)  # whole at TP=1
+
+
+def test_tp2_from_plan_matches_tp1(checkpoint, tp1, reference):
+    vocab = checkpoint[1].model.output_decoder.out_features
+    result = served(checkpoint[0], vocab, tensor_parallel_size=2)
+    _assert_same(result, tp1, reference)
+    # each rank holds half of the heads, from the plan alone
+    for rank in result[2]:
+        assert rank["query_shape"] == (128, 128)
+        assert rank["local_heads"] == 2
+        assert rank["layers"] == [0, 1, 2, 3]
+
+
+def test_pp2_from_plan_matches_tp1(checkpoint, tp1, reference):
+    vocab = checkpoint[1].model.output_decoder.out_features
+    result = served(checkpoint[0], vocab, pipeline_parallel_size=2)
+    _assert_same(result, tp1, reference)
+    first, last = result[2]
+    # vLLM's partition rule: 4 layers -> 2 + 2; each stage holds only its
+    # own weights (the embedding on the first, the LM head on the last)
+    assert (first["layers"], last["layers"]) == ([0, 1], [2, 3])
+    whole = sum(p.numel() for p in checkpoint[1].parameters())
+    assert first["params"] < whole and last["params"] < whole
+    assert first["params"] + last["params"] == whole
+
+
+def test_pp2_factory_that_builds_its_own_stage(checkpoint, tp1, reference):
+    """The opt-in without a plan (SelfStagedModel)."""
+    from tests.models.forgather_style import build_self_staged
+    vocab = checkpoint[1].model.output_decoder.out_features
+    result = served(checkpoint[0], vocab, factory=build_self_staged,
+                    pipeline_parallel_size=2)
+    _assert_same(result, tp1, reference)
+    assert [rank["layers"] for rank in result[2]] == [[0, 1], [2, 3]]
+
+
+def test_wrong_style_is_refused(checkpoint, capfd):
+    """`colwise` where `rowwise` belongs: the validator reports it, and an
+    engine at TP=2 refuses the plan before running anything."""
+    model = ForgatherStyleModel()
+    assert not validate_vllm_plans(model, tp_plan=WRONG_STYLE)
+    report = capfd.readouterr().out
+    assert "attention.output_linear is 'colwise'" in report
+    assert "must be 'rowwise'" in report
+
+    from vllm import ModelRegistry
+    ModelRegistry.register_model("ForgatherWrongStyle",
+                                 with_plan(WRONG_STYLE))
+    with pytest.raises(Exception):
+        make_llm(checkpoint[0], "ForgatherWrongStyle",
+                 tensor_parallel_size=2)
+    errors = "".join(capfd.readouterr())  # vLLM logs to stdout
+    assert "tensor-parallel plan of ForgatherWrongStyle does not fit" in errors
+    assert "must be 'rowwise'" in errors
+
+
+def test_pp_without_plan_says_what_to_add(checkpoint, capfd):
+    from vllm import ModelRegistry
+    ModelRegistry.register_model("ForgatherNoPPPlan", with_plan(TP_PLAN,
+                                                               pp_plan={}))
+    with pytest.raises(Exception):
+        make_llm(checkpoint[0], "ForgatherNoPPPlan", pipeline_parallel_size=2)
+    errors = "".join(capfd.readouterr())  # vLLM logs to stdout
+    assert "cannot run with pipeline_parallel_size=2" in errors
+    assert "_pp_plan" in errors and "make_empty_intermediate_tensors" in errors
+
+
+# ------------------------------------------------------- validation tools
+
+
+def test_validator_reports_what_matched_and_what_is_wrong(capsys):
+    model = ForgatherStyleModel()
+    assert validate_vllm_plans(model)
+    out = capsys.readouterr().out
+    assert ("'model.layer_stack.layers.*.attention.query_linear' -> colwise:"
+            " 4 module(s) (4 Linear), 4 parameter(s)") in out
+    assert "valid: 0 error(s)" in out
+    # TP=8 does not divide 4 heads: a warning, an error when strict
+    assert "TP=8 does not divide model.layer_stack.layers.*.attention.attn" \
+        " num_heads (4)" in out
+    assert not validate_vllm_plans(model, strict=True)
+    capsys.readouterr()
+
+    plan = dict(TP_PLAN)
+    plan["model.layer_stack.layers.*.attention.query_proj"] = plan.pop(
+        "model.layer_stack.layers.*.attention.query_linear")
+    plan["model.layer_stack"] = "colwise"
+    pp_plan = {"model.input_encoder": (["input_ids"], ["hidden_states"]),
+               "model.layer_stak": (["hidden_states"], ["hidden_states"]),
+               "model.output_decoder": (["hidden"], ["logits"])}
+    assert not validate_vllm_plans(model, tp_plan=plan, pp_plan=pp_plan)
+    out = capsys.readouterr().out
+    assert ("'model.layer_stack.layers.*.attention.query_proj' (colwise) "
+            "matches no module; nearest: "
+            "model.layer_stack.layers.*.attention.query_linear") in out
+    assert "model.layer_stack (LayerStack): style 'colwise' fits nn.Linear" \
+        in out
+    assert ("4 linear/embedding layer(s) no pattern covers stay whole on "
+            "every rank: model.layer_stack.layers.*.attention.query_linear"
+            ) in out
+    assert "pipeline module 'model.layer_stak' does not exist; nearest: " \
+        "model.layer_stack" in out
+    assert "'model.output_decoder' takes 'hidden', which no earlier module " \
+        "outputs" in out
+    assert "needs exactly one module that is or holds the nn.ModuleList" in out
+
+
+def test_print_model_structure(capsys):
+    print_model_structure(ForgatherStyleModel(), max_depth=4,
+                          show_params=True)
+    out = capsys.readouterr().out
+    assert "embedding: Embedding(512 x 128)  [65,536 params]" in out
+    assert "0..3: 4 x PreLNLayer, each as 0:" in out
+    assert "output_decoder: Linear(128 -> 512)" in out
+    assert ".weight (512, 128) torch.float32" in out
+    assert "query_linear" not in out  # below max_depth
+
+
+def test_validation_cli(checkpoint, tmp_path):
+    command = [sys.executable, "-m",
+               "vllm.model_executor.models.plan_validation",
+               "tests.models.forgather_style:build_forgather_style",
+               "--model", str(checkpoint[0])]
+    ok = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "layer_stack: LayerStack" in ok.stdout
+    assert "valid: 0 error(s)" in ok.stdout
+    wrong = tmp_path / "plan.json"
+    wrong.write_text(__import__("json").dumps(WRONG_STYLE))
+    bad = subprocess.run(command + ["--tp-plan", str(wrong)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1
+    assert "INVALID" in bad.stdout and "must be 'rowwise'" in bad.stdout
+
+
+def test_training_path_is_unchanged_by_the_plans(checkpoint):
+    """The module still trains as written: the plans are only read."""
+    _, model = checkpoint
+    clone = ForgatherStyleModel()
+    clone.load_state_dict(model.state_dict())
+    ids = torch.tensor(PROMPTS[4])
+    logits = clone.compute_logits(clone(ids, torch.arange(len(ids))))
+    logits.sum().backward()
+    assert clone.model.layer_stack.layers[0].attention.query_linear \
+        .weight.grad is not None
+
+
+def test_global_head_count_reshape_names_the_module(checkpoint, capfd):
+    """Code that reshapes with the global head count fails under TP=2 with
+    an error that names the module and the fix."""
+    from tests.models.forgather_style import build_with_global_heads
+    from vllm import ModelRegistry
+    ModelRegistry.register_model("ForgatherGlobalHeads",
+                                 build_with_global_heads)
+    with pytest.raises(Exception):
+        make_llm(checkpoint[0], "ForgatherGlobalHeads",
+                 tensor_parallel_size=2)
+    errors = "".join(capfd.readouterr())
+    assert ("model.layer_stack.layers.0.attention (model "
+            "'ForgatherGlobalHeads') failed after tensor-parallel sharding"
+            ) in errors
+    assert "not a hard-coded global one" in errors
