@@ -144,6 +144,35 @@ def _find(lines: list[str], block: list[str], hint: int) -> list[int]:
     return sorted(hits, key=lambda i: abs(i - hint))
 
 
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _find_shifted(lines: list[str], block: list[str],
+                  hint: int) -> list[tuple[int, int]]:
+    """(start, shift): where `block` matches with every non-blank line
+    indented by the same `shift` more spaces (negative: fewer), as when one
+    release nests the same code one level deeper than another."""
+    n = len(block)
+    hits = []
+    for i in range(len(lines) - n + 1):
+        window = lines[i:i + n]
+        if [line.lstrip(" ") for line in window] != [
+                line.lstrip(" ") for line in block]:
+            continue
+        shifts = {_indent(have) - _indent(want)
+                  for have, want in zip(window, block) if want.strip()}
+        if len(shifts) == 1:
+            hits.append((i, shifts.pop()))
+    return sorted(hits, key=lambda hit: abs(hit[0] - hint))
+
+
+def _shift(line: str, shift: int) -> str:
+    if not line.strip():
+        return line
+    return " " * shift + line if shift >= 0 else line[-shift:]
+
+
 def patch_text(text: str, file_patch: FilePatch, reverse: bool = False,
                name: str = "") -> str:
     lines = text.splitlines(keepends=True)
@@ -156,6 +185,13 @@ def patch_text(text: str, file_patch: FilePatch, reverse: bool = False,
             lines = list(new)
             continue
         hits = _find(lines, old, hunk.line_hint - 1)
+        if not hits:  # the same lines, nested differently in this release
+            shifted = _find_shifted(lines, old, hunk.line_hint - 1)
+            if len(shifted) == 1:
+                start, shift = shifted[0]
+                lines[start:start + len(old)] = [_shift(line, shift)
+                                                 for line in new]
+                continue
         if len(hits) != 1:
             problem = "does not match" if not hits else "matches twice"
             raise PatchError(
@@ -164,15 +200,6 @@ def patch_text(text: str, file_patch: FilePatch, reverse: bool = False,
                 "".join("    " + line for line in old))
         lines[hits[0]:hits[0] + len(old)] = new
     return "".join(lines)
-
-
-def is_applied(text: str, file_patch: FilePatch) -> bool:
-    """True when every hunk's new text is present (reverse applies)."""
-    try:
-        patch_text(text, file_patch, reverse=True)
-        return True
-    except PatchError:
-        return False
 
 
 # --------------------------------------------------------------------------
@@ -275,14 +302,23 @@ def verify(target: Path) -> None:
     manifest = read_manifest(target)
     if manifest is None:
         raise PatchError(f"the patch set is not applied in {target}")
+    # Undo the patches of each file in reverse order: a later patch may
+    # edit lines next to (or added by) an earlier one.
+    stacked: dict[str, list[tuple[str, FilePatch]]] = {}
     for commit in read_series():
         for patch_name in commit.patches:
             for file_patch in parse_patch((PATCHES / patch_name).read_text()):
-                text = (target / file_patch.path).read_text()
-                if not is_applied(text, file_patch):
-                    raise PatchError(
-                        f"{file_patch.path} in {target} no longer carries "
-                        f"{patch_name}; run `revert` then `apply`.")
+                stacked.setdefault(file_patch.path, []).append(
+                    (patch_name, file_patch))
+    for path, patches in stacked.items():
+        text = (target / path).read_text()
+        for patch_name, file_patch in reversed(patches):
+            try:
+                text = patch_text(text, file_patch, reverse=True)
+            except PatchError:
+                raise PatchError(
+                    f"{path} in {target} no longer carries {patch_name}; "
+                    "run `revert` then `apply`.") from None
     for name in manifest["added"]:
         if not (target / name).exists():
             raise PatchError(f"{target / name} is missing; apply again.")

@@ -39,7 +39,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 8 commits (7 new files, 3 upstream")
+    assert message.startswith("applied 10 commits (8 new files, 4 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -86,7 +86,7 @@ def test_hunk_that_does_not_match_writes_nothing(release_tree):
         ":", "elif issubclass(model_cls, nn.Module):"))
     before = snapshot(release_tree)
     with pytest.raises(patchset.PatchError,
-                       match="hunk 5 of 0003-registry-model-factories.patch "
+                       match="hunk 5 of 0004-registry-model-factories.patch "
                        "does not match"):
         patchset.apply(release_tree)
     assert snapshot(release_tree) == before
@@ -96,8 +96,8 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     out = tmp_path / "series"
     patchset.export(release_tree, out)
     patches = sorted(out.glob("*.patch"))
-    assert len(patches) == 8
-    assert "[Model] Accept model factories" in patches[-1].read_text()
+    assert len(patches) == 10
+    assert "[Model] Build a checkpoint's model" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.
     fresh = tmp_path / "fresh"
@@ -111,7 +111,8 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     patched = tmp_path / "patched"
     shutil.copytree(release_tree / "vllm", patched / "vllm")
     patchset.apply(patched)
-    for name in ("vllm/model_executor/models/registry.py", "vllm/envs.py"):
+    for name in ("vllm/model_executor/models/registry.py", "vllm/envs.py",
+                 "vllm/entrypoints/cli/main.py"):
         assert (fresh / name).read_text() == (patched / name).read_text()
 
 
