@@ -8,6 +8,7 @@ The served model is the TorchTitan Qwen3 example with its modeling file
 copied into the checkpoint directory (as Hugging Face remote code ships),
 served at TP=2 by a real `vllm serve` process on a loopback port."""
 
+import ast
 import json
 import os
 import shutil
@@ -107,6 +108,17 @@ if __name__ == "__main__":
     line = next(line for line in result.stdout.splitlines()
                 if line.startswith("TOKENS"))
     assert json.loads(line.split(" ", 1)[1]) == reference
+
+
+def test_registrations_travel_to_ray_workers():
+    """vLLM's Ray executor copies the driver's environment variables it
+    knows to each Ray worker; the registrations ride in one of them."""
+    from vllm import ModelRegistry
+    from vllm.ray.ray_env import get_env_vars_to_copy
+    ModelRegistry.register_model("TravelsToRay",
+                                 "tests.models.tiny_decoder:build_tiny_decoder")
+    assert "VLLM_MODEL_REGISTRATIONS" in os.environ
+    assert "VLLM_MODEL_REGISTRATIONS" in get_env_vars_to_copy()
 
 
 # ------------------------------------------------------ vllm serve, TP=2
@@ -239,3 +251,17 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(client,
     # still serving
     assert client.completions.create(model="qwen3-tt", prompt=PROMPT_IDS,
                                      max_tokens=2).choices[0].text is not None
+
+
+def test_online_serving_example(server):
+    example = REPO / "examples/online_serving/generic_model_client.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--url", server + "/v1", "--model",
+         "qwen3-tt"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "models: ['qwen3-tt']"
+    completion = lines[1].split(" -> ", 1)[1]
+    # the streamed text is the same greedy completion
+    assert lines[2] == "streamed:   " + ast.literal_eval(completion)
+    assert lines[3].startswith("chat: ")

@@ -29,8 +29,9 @@ def register_factory_from_config(registry, architectures: list[str],
     """Register the factory `model_config`'s checkpoint names for its
     architecture, when no model is registered for any of them."""
     factory = getattr(model_config.hf_config, CONFIG_KEY, None)
-    if not factory or any(arch in registry.models for arch in architectures):
-        return
+    registered = any(arch in registry.models for arch in architectures)
+    if not factory or (registered and not model_config.trust_remote_code):
+        return  # registered in code: the key is not needed
     module_name, sep, attr = str(factory).partition(":")
     if not (sep and module_name and attr):
         raise ValueError(
@@ -42,14 +43,17 @@ def register_factory_from_config(registry, architectures: list[str],
             f"{factory!r} ({CONFIG_KEY}): loading it imports and runs that "
             "code. Pass --trust-remote-code (LLM(..., trust_remote_code="
             "True)) if you trust it.")
+    # Also where the registration arrived with the process (a Ray worker
+    # gets it through VLLM_MODEL_REGISTRATIONS, not this sys.path).
     _make_importable(module_name, model_config.model)
-    registry.register_model(architectures[0], str(factory))
+    if not registered:
+        registry.register_model(architectures[0], str(factory))
 
 
 def _make_importable(module_name: str, model_dir: str) -> None:
     """Put the checkpoint directory on the import path when it holds the
     module and nothing installed does. Spawned vLLM processes start with
-    this process's `sys.path`."""
+    this process's `sys.path`; Ray workers run this again themselves."""
     if importlib.util.find_spec(module_name.split(".")[0]) is not None:
         return
     directory = Path(model_dir)
