@@ -39,7 +39,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 10 commits (8 new files, 4 upstream")
+    assert message.startswith("applied 11 commits (10 new files, 4 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -96,8 +96,8 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     out = tmp_path / "series"
     patchset.export(release_tree, out)
     patches = sorted(out.glob("*.patch"))
-    assert len(patches) == 10
-    assert "[Model] Build a checkpoint's model" in patches[-1].read_text()
+    assert len(patches) == 11
+    assert "[Frontend] vllm consolidate" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.
     fresh = tmp_path / "fresh"
