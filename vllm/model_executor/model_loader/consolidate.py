@@ -221,34 +221,75 @@ def read_deepspeed(path: Path, keep_original_precision: bool = False,
         if keep_original_precision:
             notes.append("ZeRO-3 keeps no whole module weights: fp32 master "
                          "weights merged")
-    partitions = [_load_pickle(f, weights_only=False)["optimizer_state_dict"]
-                  for f in optim_files]
-    stage = int(partitions[0]["zero_stage"])
-    world = len(partitions)
-    if stage <= 2:
-        flat_key = "single_partition_of_fp32_groups"
-        for group, shapes in enumerate(param_shapes):
-            flat = torch.cat([p[flat_key][group] for p in partitions])
-            offset = 0
-            for name, shape in shapes.items():
-                numel = _numel(shape)
-                yield name, flat[offset:offset + numel].view(shape)
-                offset += numel
-            if offset > flat.numel():
-                raise ConsolidateError(
-                    f"{step_dir}: parameter shapes need {offset} values, the"
-                    f" partitions hold {flat.numel()}")
-    else:
+    partitions = _Partitions(optim_files)
+    stage = int(partitions.get()[0]["zero_stage"])
+    world = len(optim_files)
+    for group, shapes in enumerate(param_shapes):
         offsets = [0] * world
-        for group, shapes in enumerate(param_shapes):
-            flats = [p["fp32_flat_groups"][group] for p in partitions]
-            offsets = [0] * world
-            for name, shape in shapes.items():
-                numel = _numel(shape)
-                part = -(-numel // world)  # each rank's padded share
-                pieces = [flat[o:o + part] for flat, o in zip(flats, offsets)]
-                offsets = [o + part for o in offsets]
-                yield name, torch.cat(pieces)[:numel].view(shape)
+        for name, shape in shapes.items():
+            numel = _numel(shape)
+            if stage <= 2:
+                # one flat buffer split evenly between the ranks, in order
+                flats = [p["single_partition_of_fp32_groups"][group]
+                         for p in partitions.get()]
+                tensor = _flat_slice(flats, offsets[0], numel)
+                offsets = [offsets[0] + numel] * world
+            else:
+                # every parameter split evenly between the ranks (padded)
+                flats = [p["fp32_flat_groups"][group]
+                         for p in partitions.get()]
+                share = -(-numel // world)
+                tensor = torch.cat([flat[o:o + share] for flat, o in
+                                    zip(flats, offsets)])[:numel]
+                offsets = [o + share for o in offsets]
+            if tensor.numel() != numel:
+                raise ConsolidateError(
+                    f"{step_dir}: the optimizer partitions end inside {name} "
+                    f"({tensor.numel()} of {numel} values); are all "
+                    f"{world} ranks' *optim_states.pt files here?")
+            yield name, tensor.view(shape)
+            partitions.read(numel * 4)
+
+
+class _Partitions:
+    """Every rank's optimizer state, memory-mapped. Pages read from a
+    mapping count as resident memory until it is closed, so the mappings
+    are reopened after every `reopen_bytes` read: memory stays bounded by
+    what is being copied, not by the model."""
+
+    def __init__(self, files: list[Path], reopen_bytes: int = 256 << 20):
+        self.files = files
+        self.reopen_bytes = reopen_bytes
+        self.states = None
+        self.since_open = 0
+
+    def get(self) -> list[dict]:
+        if self.states is None:
+            self.states = [
+                _load_pickle(f, weights_only=False)["optimizer_state_dict"]
+                for f in self.files
+            ]
+        return self.states
+
+    def read(self, num_bytes: int) -> None:
+        self.since_open += num_bytes
+        if self.since_open >= self.reopen_bytes:
+            self.states, self.since_open = None, 0
+
+
+def _flat_slice(flats: list[torch.Tensor], start: int,
+                length: int) -> torch.Tensor:
+    """`length` values from `start` of the concatenation of `flats`,
+    without concatenating them."""
+    pieces, base = [], 0
+    for flat in flats:
+        lo, hi = max(start, base), min(start + length, base + flat.numel())
+        if lo < hi:
+            pieces.append(flat[lo - base:hi - base])
+        base += flat.numel()
+    if not pieces:
+        return torch.empty(0)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _deepspeed_step_dir(path: Path) -> Path:
