@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Run by `deepspeed --num_gpus 2` (CPU ranks, gloo/shm): train a tiny
-Llama for two steps under ZeRO stages 1, 2 and 3 and save each with
-DeepSpeed's own `save_checkpoint`, beside the full weights the trained
-module holds (`reference.safetensors`) and its `config.json`.
+Llama for two steps under ZeRO stages 1, 2 and 3, saving after each step
+with DeepSpeed's own `save_checkpoint` (`latest` names the second), beside
+the full weights the trained module holds at the end
+(`reference.safetensors`) and its `config.json`.
 
     deepspeed --num_gpus 2 tests/model_executor/deepspeed_zero_train.py OUT_DIR
 """
@@ -33,14 +34,14 @@ def main():
                 "optimizer": {"type": "Adam",
                               "params": {"lr": 1e-2, "torch_adam": True}},
                 "zero_optimization": {"stage": stage}})
-        for step in range(2):
+        run = os.path.join(out, f"zero{stage}")
+        for step in range(2):  # saved after each: global_step1, global_step2
             ids = torch.randint(0, CONFIG.vocab_size, (1, 16),
                                 generator=torch.Generator().manual_seed(step))
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()
-        run = os.path.join(out, f"zero{stage}")
-        engine.save_checkpoint(run)
+            engine.save_checkpoint(run)
         with deepspeed.zero.GatheredParameters(list(model.parameters()),
                                                enabled=stage == 3):
             state = {name: p.detach().clone()

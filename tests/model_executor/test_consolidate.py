@@ -168,6 +168,37 @@ def test_bad_inputs_leave_nothing_that_looks_valid(llama, tmp_path):
         "missing", "ok", "out", "truncated"]
 
 
+def test_mixed_steps_are_refused(zero_runs, tmp_path):
+    run = tmp_path / "mixed"
+    shutil.copytree(zero_runs / "zero2", run)
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shutil.copy(run / "global_step1" / name, run / "global_step2" / name)
+    with pytest.raises(ConsolidateError, match="different training steps "
+                       r"\(zero_pp_rank_0_mp_rank_00_optim_states.pt: step 2,"
+                       " zero_pp_rank_1_mp_rank_00_optim_states.pt: step 1"):
+        consolidate(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_disk_leaves_nothing_behind(llama, tmp_path):
+    """A write limit (RLIMIT_FSIZE) stands in for a full disk."""
+    model, _ = llama
+    model.save_pretrained(tmp_path / "ok")
+    program = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+from vllm.model_executor.model_loader.consolidate import consolidate
+consolidate({str(tmp_path / "ok")!r}, {str(tmp_path / "out")!r})
+"""
+    result = subprocess.run([sys.executable, "-c", program],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ConsolidateError: cannot write" in result.stderr
+    assert "File too large" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
 # ------------------------------------------------------------ the command
 
 
@@ -186,7 +217,8 @@ def test_command_one_checkpoint(zero_runs, tmp_path):
 def test_command_batch(zero_runs, llama, tmp_path):
     runs = tmp_path / "runs"
     model, _ = llama
-    # an HF-Trainer-style run with two checkpoints, a ZeRO run, a broken run
+    # an HF-Trainer-style run with two checkpoints, a ZeRO run with two
+    # steps, a broken run
     for step in (10, 20):
         model.save_pretrained(runs / "trainer" / f"checkpoint-{step}")
     shutil.copytree(zero_runs / "zero1", runs / "zero")
@@ -198,16 +230,17 @@ def test_command_batch(zero_runs, llama, tmp_path):
     dry = subprocess.run(command + ["--dry-run"], capture_output=True,
                          text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "4 checkpoint(s) would be consolidated" in dry.stdout
+    assert "5 checkpoint(s) would be consolidated" in dry.stdout
     assert not (tmp_path / "out").exists()
 
     result = subprocess.run(command + ["--continue-on-error"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1  # one failed
     table = result.stdout
-    assert "3 succeeded, 1 failed" in table
-    for name in ("trainer_step_10", "trainer_step_20", "zero_step_2"):
+    assert "4 succeeded, 1 failed" in table
+    for name in ("trainer_step_10", "trainer_step_20", "zero_step_1",
+                 "zero_step_2"):
         assert (tmp_path / "out" / name / "config.json").exists(), table
     assert "broken_step_final" in table and "FAILED" in table
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "trainer_step_10", "trainer_step_20", "zero_step_2"]
+        "trainer_step_10", "trainer_step_20", "zero_step_1", "zero_step_2"]

@@ -224,6 +224,14 @@ def read_deepspeed(path: Path, keep_original_precision: bool = False,
     partitions = _Partitions(optim_files)
     stage = int(partitions.get()[0]["zero_stage"])
     world = len(optim_files)
+    steps = {f.name: _optimizer_step(p)
+             for f, p in zip(optim_files, partitions.get())}
+    if len(set(steps.values()) - {None}) > 1:
+        raise ConsolidateError(
+            f"{step_dir}: the ranks' optimizer partitions come from different"
+            " training steps (" + ", ".join(
+                f"{name}: step {step}" for name, step in steps.items()) +
+            "); copy all ranks' files of one save_checkpoint together.")
     for group, shapes in enumerate(param_shapes):
         offsets = [0] * world
         for name, shape in shapes.items():
@@ -249,6 +257,16 @@ def read_deepspeed(path: Path, keep_original_precision: bool = False,
                     f"{world} ranks' *optim_states.pt files here?")
             yield name, tensor.view(shape)
             partitions.read(numel * 4)
+
+
+def _optimizer_step(partition: dict) -> int | None:
+    """The torch optimizer's step count a rank's partition was saved at."""
+    for key in ("base_optimizer_state", "optimizer_state_dict"):
+        state = (partition.get(key) or {}).get("state") or {}
+        for values in state.values():
+            if isinstance(values, dict) and "step" in values:
+                return int(values["step"])
+    return None
 
 
 class _Partitions:
@@ -373,12 +391,15 @@ class ShardWriter:
             return
         suffix = ".bin" if self.pytorch_bin else ".safetensors"
         name = f"part-{len(self.files):05d}{suffix}"
-        if self.pytorch_bin:
-            torch.save(self.pending, self.directory / name)
-        else:
-            from safetensors.torch import save_file
-            save_file(self.pending, str(self.directory / name),
-                      metadata={"format": "pt"})
+        try:
+            if self.pytorch_bin:
+                torch.save(self.pending, self.directory / name)
+            else:
+                from safetensors.torch import save_file
+                save_file(self.pending, str(self.directory / name),
+                          metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports I/O errors as its own
+            raise OSError(f"writing {name}: {e}") from e
         self.files.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -525,6 +546,10 @@ def consolidate(input_dir: str | os.PathLike,
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
+    except OSError as e:  # a full disk, a read-only target
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConsolidateError(f"cannot write {output}: {e}; nothing was "
+                               "left behind") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
