@@ -10,7 +10,8 @@ import functools
 import pytest
 import torch
 
-from tests.conftest import PROMPTS, logits_and_tokens, training_forward
+from tests.conftest import (PROMPTS, greedy_recompute, logits_and_tokens,
+                            training_forward)
 from tests.models.tiny_decoder import TinyConfig, TinyDecoder
 from vllm.model_executor.models.callable_model import load_weights_by_name
 
@@ -138,3 +139,56 @@ def test_update_reaches_running_engine(request, tiny_checkpoint,
     for got, want in zip(restored, training_forward(model, PROMPTS)):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
     assert (torch.cat(after) - torch.cat(restored)).abs().max() > 1e-2
+
+
+def test_update_while_a_request_is_running(tiny_engine, tiny_checkpoint,
+                                           tiny_reference_tokens):
+    """An update that arrives while a request is running: the request goes
+    on, and each of its tokens is the old model's up to the engine step the
+    update lands at and the new model's after it (the update changes only
+    the LM head, so the KV the old weights wrote is the new model's too, and
+    each token can be checked exactly)."""
+    from tests.conftest import MAX_TOKENS, greedy_tokens
+    from vllm import SamplingParams
+    _, model = tiny_checkpoint
+    prompt = PROMPTS[4]
+    old_head = model.lm_head.weight.detach().clone()
+    update = {"lm_head.weight": old_head.roll(1, dims=0)}  # token t -> t+1
+    updated_model = with_update(model, update)
+
+    engine = tiny_engine.llm_engine
+    engine.add_request("in-flight", {"prompt_token_ids": prompt},
+                       SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                      ignore_eos=True, detokenize=False))
+    before = []
+    while len(before) < 8:
+        for output in engine.step():
+            before = list(output.outputs[0].token_ids)
+    tiny_engine.apply_model(functools.partial(push, weights=update))
+    try:
+        final = None
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    final = list(output.outputs[0].token_ids)
+        tiny_engine.reset_prefix_cache()
+        fresh = greedy_tokens(tiny_engine, [prompt])[0]
+    finally:
+        tiny_engine.apply_model(
+            functools.partial(push, weights={"lm_head.weight": old_head}))
+        tiny_engine.reset_prefix_cache()
+
+    # The engine core runs its steps on its own and takes the update
+    # between two of them, possibly a step or two after `apply_model` was
+    # called: the old model's tokens up to some switch point, the new
+    # model's from there on.
+    old = tiny_reference_tokens[4]
+    assert before == old[:len(before)]
+    switch = next(i for i, (a, b) in enumerate(zip(final, old)) if a != b)
+    assert len(before) <= switch < MAX_TOKENS
+    expected = final[:switch]
+    while len(expected) < MAX_TOKENS:
+        logits = training_forward(updated_model, [prompt + expected])[0]
+        expected.append(int(logits[-1].argmax()))
+    assert final == expected
+    assert fresh == greedy_recompute(updated_model, prompt)
