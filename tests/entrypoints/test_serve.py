@@ -9,6 +9,7 @@ copied into the checkpoint directory (as Hugging Face remote code ships),
 served at TP=2 by a real `vllm serve` process on a loopback port."""
 
 import ast
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, greedy_recompute
 
@@ -130,22 +132,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    path, _ = checkpoint
+@contextlib.contextmanager
+def vllm_serve(path: Path, name: str, log: Path, tensor_parallel_size=2):
+    """A real `vllm serve` of `path` on a loopback port; yields its URL
+    once /health answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1",
                VLLM_LOGGING_LEVEL="WARNING")
-    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONPATH", None)  # the factory comes from the directory
     with open(log, "w") as log_file:
         process = subprocess.Popen(
             [_vllm_command(), "serve", str(path), "--trust-remote-code",
-             "--tensor-parallel-size", "2", "--dtype", "float32",
-             "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
-             "--served-model-name", "qwen3-tt", "--host", "127.0.0.1",
-             "--port", str(port)], cwd=log.parent, env=env,
-            stdout=log_file, stderr=subprocess.STDOUT)
+             "--tensor-parallel-size", str(tensor_parallel_size),
+             "--dtype", "float32", "--max-model-len", "512",
+             "--gpu-memory-utilization", "0.1", "--served-model-name", name,
+             "--host", "127.0.0.1", "--port", str(port)], cwd=log.parent,
+            env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 400
@@ -167,6 +169,13 @@ def server(checkpoint, tmp_path_factory):
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with vllm_serve(checkpoint[0], "qwen3-tt", log) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +274,55 @@ def test_online_serving_example(server):
     # the streamed text is the same greedy completion
     assert lines[2] == "streamed:   " + ast.literal_eval(completion)
     assert lines[3].startswith("chat: ")
+
+
+# ----------------------------------------- a Megatron-core model, TP=2
+
+
+def test_megatron_core_directory_served_at_tp2(tmp_path):
+    """A Megatron-core decoder (the ground-truth example's) saved with its
+    modeling file: `vllm serve` at TP=2 builds its Megatron TP layers from
+    `parallel_context` and returns the reference's greedy tokens."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(REPO / "examples/offline_inference"))
+    import custom_model_with_megatron as example
+
+    from vllm.model_executor.parallel_context import ParallelContext
+    path = tmp_path / "megatron"
+    path.mkdir()
+    config = example.DecoderConfig()
+    dist.init_process_group("gloo", store=dist.FileStore(
+        str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        world = dist.group.WORLD
+        torch.manual_seed(0)
+        model = example.MegatronDecoder(config, ParallelContext(
+            tp_group=world, tp_cpu_group=world, device=torch.device("cpu")))
+        save_file({name: param.detach().contiguous()
+                   for name, param in model.named_parameters()},
+                  str(path / "model.safetensors"))
+        reference = example.reference_greedy(model, PROMPT_IDS, MAX_TOKENS,
+                                             "cpu")
+    finally:
+        dist.destroy_process_group()
+    (path / "config.json").write_text(json.dumps(dict(
+        vars(config), architectures=["ServedMegatronDecoder"],
+        model_type="llama", num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        num_hidden_layers=config.num_layers,
+        intermediate_size=config.ffn_size, torch_dtype="float32",
+        max_position_embeddings=512,
+        vllm_model_factory="megatron_decoder:build_megatron_decoder")))
+    shutil.copy(REPO / "examples/offline_inference/custom_model_with_megatron.py",
+                path / "megatron_decoder.py")
+    make_tokenizer(path, config.vocab_size)
+
+    with vllm_serve(path, "megatron", tmp_path / "serve.log") as url:
+        from openai import OpenAI
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        completion = client.completions.create(
+            model="megatron", prompt=PROMPT_IDS, max_tokens=MAX_TOKENS,
+            temperature=0.0, extra_body={"ignore_eos": True,
+                                         "return_token_ids": True})
+    assert completion.choices[0].token_ids == reference
