@@ -12,6 +12,7 @@ whose peak resident memory the kernel reports (`wait4`).
 """
 
 import argparse
+import math
 import os
 import resource
 import shutil
@@ -126,7 +127,7 @@ def main():
                 with safe_open(str(shard), "pt") as file:
                     for key in file.keys():  # noqa: SIM118
                         shape = file.get_slice(key).get_shape()
-                        largest = max(largest, 4 * _numel(shape))
+                        largest = max(largest, 4 * math.prod(shape))
             rows.append((name, seconds, size / 1e9 / seconds, peak, size,
                          largest))
             shutil.rmtree(out)
@@ -153,13 +154,6 @@ def main():
               f"({args.max_shard_size}) + a constant")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ that looks like a checkpoint.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -235,7 +236,7 @@ def read_deepspeed(path: Path, keep_original_precision: bool = False,
     for group, shapes in enumerate(param_shapes):
         offsets = [0] * world
         for name, shape in shapes.items():
-            numel = _numel(shape)
+            numel = math.prod(shape)
             if stage <= 2:
                 # one flat buffer split evenly between the ranks, in order
                 flats = [p["single_partition_of_fp32_groups"][group]
@@ -331,13 +332,6 @@ def _deepspeed_step_dir(path: Path) -> Path:
 def _rank_of(path: Path) -> int:
     match = re.search(r"rank_(\d+)", path.name)
     return int(match[1]) if match else 0
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 READERS: dict[str, Callable[..., TensorStream]] = {

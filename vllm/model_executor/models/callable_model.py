@@ -275,17 +275,13 @@ def load_weights_by_name(
     unexpected: list[str] = []
     wrong: list[str] = []
     mismatched: set[str] = set()
-    # Pipeline stages hold only their own layers; the rest are
-    # PPMissingLayer, whose weights other stages load.
-    other_stages = tuple(
-        f"{name}." for name, module in model.named_modules()
-        if type(module).__name__ == "PPMissingLayer")
+    # imported here: vLLM's model utilities import the model registry
+    from vllm.model_executor.models.utils import is_pp_missing_parameter
     with torch.no_grad():
         for name, tensor in weights:
             target = params.get(name, buffers.get(name))
-            if target is None and other_stages and name.startswith(
-                    other_stages):
-                continue
+            if target is None and is_pp_missing_parameter(name, model):
+                continue  # another pipeline stage's weight
             if target is None:
                 unexpected.append(name)
                 continue

@@ -385,12 +385,10 @@ class PipelineStage:
     def make_empty_intermediate_tensors(self, batch_size: int,
                                         dtype: torch.dtype,
                                         device: torch.device):
-        from vllm.sequence import IntermediateTensors
-        return IntermediateTensors({
-            name: torch.zeros(batch_size, self.hidden_size, dtype=dtype,
-                              device=device)
-            for name in self.boundary
-        })
+        from vllm.model_executor.models.utils import (
+            make_empty_intermediate_tensors_factory)
+        return make_empty_intermediate_tensors_factory(
+            self.boundary, self.hidden_size)(batch_size, dtype, device)
 
 
 def failing_module(model: nn.Module, error: BaseException) -> str | None:
