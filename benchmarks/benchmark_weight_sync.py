@@ -52,6 +52,14 @@ def load_pushed_weights(model, weights):
     return len(model.load_weights(weights.items()))
 
 
+def weight_checksums(model) -> dict[str, float]:
+    """Runs in each worker: the sum of each parameter, in float64, named
+    as the trainer's module names it."""
+    module = getattr(model, "model", model)  # the factory's module in vLLM
+    return {name: p.double().sum().item()
+            for name, p in module.named_parameters()}
+
+
 def push_by_ipc(llm, trainer) -> None:
     """vLLM's CUDA-IPC weight-transfer engine, the trainer on the same GPU."""
     from dataclasses import asdict
@@ -141,8 +149,12 @@ def main():
         pushes = pushes[1:]
 
         ipc_pushes, ipc_error = [], None
+        ipc_verified = None
         if use_ipc:
             on_gpu = trainer.cuda()
+            with torch.no_grad():  # new values: the engine holds the old ones
+                for parameter in on_gpu.parameters():
+                    parameter.neg_()
             try:
                 llm.init_weight_transfer_engine({"init_info": {}})
                 for index in range(args.rounds + 1):
@@ -155,6 +167,12 @@ def main():
                           f"{' (warm-up)' if index == 0 else ''}: "
                           f"{ipc_pushes[-1]:.3f} s", flush=True)
                 ipc_pushes = ipc_pushes[1:]
+                # the engine holds what the trainer sent
+                expected = weight_checksums(on_gpu)
+                got = llm.apply_model(weight_checksums)[0]
+                ipc_verified = got.keys() == expected.keys() and all(
+                    abs(got[name] - value) <= 1e-6 * (
+                        1 + abs(value)) for name, value in expected.items())
             except Exception as error:  # reported in the table
                 ipc_error = f"{type(error).__name__}: {error}"
                 print(f"IPC push failed: {ipc_error}", flush=True)
@@ -184,6 +202,8 @@ def main():
         print(f"{'push, CUDA-IPC weight-transfer engine (median)':52s} "
               f"{ipc:9.3f} {gigabytes / ipc:8.2f}   "
               f"(min {min(ipc_pushes):.3f}, max {max(ipc_pushes):.3f})")
+        print(f"  engine's weights after the IPC pushes equal the trainer's:"
+              f" {ipc_verified}")
     elif use_ipc:
         print(f"{'push, CUDA-IPC weight-transfer engine':52s} failed: "
               f"{ipc_error}")

@@ -16,13 +16,22 @@ the fraction of tokens whose log-probabilities are bitwise equal.
 
 With VLLM_BATCH_INVARIANT=1 the trainer's process turns on vLLM's
 batch-invariant mode too, so both sides run the same GEMM, softmax and
-reduction settings. `--trace` also runs one sequence through both with a
-forward hook on every submodule and prints the first module whose output
+reduction settings. `--generator-kernel` makes the trainer's attention run
+the kernel vLLM runs over its paged KV cache
+(`use_generator_attention_kernel`, with the engine's block size and
+flash-attention version):
+
+    VLLM_BATCH_INVARIANT=1 python benchmarks/logprob_parity.py --size 0.6b \\
+        --dtype bfloat16 --enforce-eager --generator-kernel                    # GPU
+
+`--trace` also runs one sequence through both with a forward hook on every
+submodule and prints the first module whose output
 differs, for the prompt (prefill) and for the next token (decode).
 """
 
 import argparse
 import functools
+from collections import Counter
 import os
 import sys
 import tempfile
@@ -46,9 +55,10 @@ def push_weights(model, weights):
     return len(model.load_weights(weights.items()))
 
 
-def add_hooks(model):
-    """Record every submodule's output on each forward call; the records
-    live on the model, as these functions reach the worker by value."""
+def add_hooks(model, only=None):
+    """Record every submodule's output (or those named in `only`) on each
+    forward call; the records live on the model, as these functions reach
+    the worker by value."""
     module = getattr(model, "model", model)  # the factory's module in vLLM
     captured: dict[str, list[torch.Tensor]] = {}
 
@@ -58,7 +68,8 @@ def add_hooks(model):
         captured.setdefault(name, []).append(output.detach().float().cpu())
 
     handles = [child.register_forward_hook(functools.partial(record, name))
-               for name, child in module.named_modules() if name]
+               for name, child in module.named_modules()
+               if name and (only is None or name in only)]
     model.parity_trace = (captured, handles)
     return len(handles)
 
@@ -74,7 +85,21 @@ def take_hooks(model):
 # ------------------------------------------------------------ the trainer
 
 
-def trainer_logprobs(model, sequences, prompt_len, device):
+def torch_token_logprobs(logits, token_ids):
+    return torch.log_softmax(logits.float(), dim=-1).gather(
+        1, token_ids[:, None])[:, 0]
+
+
+def vllm_token_logprobs(logits, token_ids):
+    """The kernel vLLM's GPU model runner (V2) computes sampled tokens'
+    log-probabilities with: its own max and sum of exponentials over
+    1024-wide blocks, another summation order than torch's log_softmax."""
+    from vllm.v1.worker.gpu.sample.logprob import compute_token_logprobs
+    return compute_token_logprobs(logits.float(), token_ids[:, None])[:, 0]
+
+
+def trainer_logprobs(model, sequences, prompt_len, device,
+                     token_logprobs=torch_token_logprobs):
     """Log-probabilities of every sequence's generated tokens, recomputed
     with all sequences packed into one varlen batch."""
     lengths = [len(s) for s in sequences]
@@ -85,12 +110,11 @@ def trainer_logprobs(model, sequences, prompt_len, device):
     with torch.no_grad():
         logits = model.compute_logits(
             model(input_ids, positions, cu_seqlens=cu_seqlens))
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
     result, start = [], 0
     for sequence in sequences:
-        rows = logprobs[start + prompt_len - 1:start + len(sequence) - 1]
+        rows = logits[start + prompt_len - 1:start + len(sequence) - 1]
         targets = torch.tensor(sequence[prompt_len:], device=device)
-        result.append(rows.gather(1, targets[:, None])[:, 0].cpu())
+        result.append(token_logprobs(rows, targets).cpu())
         start += len(sequence)
     return result
 
@@ -142,6 +166,43 @@ def trace(llm, model, prompt, sampling_params_cls, device):
             first_difference(decode, trainer_captured, slice(n, n + 1)))
 
 
+def build_trainer(config, device, dtype, init_std, cpu_built=False):
+    """The trainer's module, built as vLLM builds its copy: on the device,
+    so the rotary table (a buffer computed in `__init__`) comes from the
+    same cos/sin kernels, and kept in fp32, with only the parameters in
+    `dtype`. `cpu_built`: built on the CPU and moved with
+    `.to(device, dtype)` instead, which brings the CPU's cos/sin and rounds
+    the table to `dtype`; q and k then differ from vLLM's by an ulp."""
+    torch.manual_seed(0)
+    with torch.device("cpu" if cpu_built else device):
+        trainer = Qwen3Model(config)
+    if init_std:
+        # PyTorch's default init gives N(0, 1) embeddings that dwarf every
+        # block's output, so rounding in the residual add hides differences
+        # in attention; a trained model's scale lets them through.
+        for parameter in trainer.parameters():
+            if parameter.dim() == 2:
+                torch.nn.init.normal_(parameter, std=init_std)
+    if cpu_built:
+        return trainer.to(device=device, dtype=dtype).train()
+    for parameter in trainer.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return trainer.train()
+
+
+def match_generator_kernel(trainer, llm, flash_attn_version):
+    """Switch the trainer's attention to the kernel the engine runs: its KV
+    cache's block size and its flash-attention version."""
+    from vllm.model_executor.layers.trainable_attention import (
+        use_generator_attention_kernel)
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    # the engine's choice: the configured version, else the platform's
+    version = flash_attn_version or get_flash_attn_version()
+    use_generator_attention_kernel(trainer, block_size, version)
+    return block_size, version
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="small")
@@ -152,11 +213,28 @@ def main():
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--flash-attn-version", type=int, default=None)
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--trace-hidden", action="store_true",
+                        help="compare every final hidden state vLLM "
+                        "computed, whole batch, with the trainer's")
+    parser.add_argument("--vllm-logprobs", action="store_true",
+                        help="CUDA: the trainer takes log-probabilities from "
+                        "logits with the kernel vLLM's model runner uses, "
+                        "instead of torch.log_softmax")
+    parser.add_argument("--cpu-built-trainer", action="store_true",
+                        help="build the trainer's module on the CPU and "
+                        "move it with .to(device, dtype) (see build_trainer)")
+    parser.add_argument("--generator-kernel", action="store_true",
+                        help="CUDA: the trainer's attention runs vLLM's "
+                        "paged-KV flash kernel (use_generator_attention_"
+                        "kernel)")
     parser.add_argument("--init-std", type=float, default=0.02,
                         help="normal init of every weight matrix, at a "
                         "trained model's scale (0 keeps PyTorch's defaults)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
+    if args.trace_hidden and not args.enforce_eager:
+        parser.error("--trace-hidden needs --enforce-eager: forward hooks do "
+                     "not run inside vLLM's compiled graph")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
     dtype = getattr(torch, args.dtype)
@@ -169,16 +247,8 @@ def main():
         init_batch_invariance()
     ModelRegistry.register_model(ARCH, build_qwen3)
     config = SIZES[args.size]
-    torch.manual_seed(0)
-    trainer = Qwen3Model(config)
-    if args.init_std:
-        # PyTorch's default init gives N(0, 1) embeddings that dwarf every
-        # block's output, so rounding in the residual add hides differences
-        # in attention; a trained model's scale lets them through.
-        for parameter in trainer.parameters():
-            if parameter.dim() == 2:
-                torch.nn.init.normal_(parameter, std=args.init_std)
-    trainer = trainer.to(device=device, dtype=dtype).train()
+    trainer = build_trainer(config, device, dtype, args.init_std,
+                            args.cpu_built_trainer)
     weights = {name: p.detach().cpu()
                for name, p in trainer.named_parameters()}
 
@@ -200,7 +270,13 @@ def main():
                   enable_prefix_caching=False, **extra)
         loaded = llm.apply_model(functools.partial(push_weights,
                                                    weights=weights))
+        kernel = None
+        if args.generator_kernel:
+            kernel = match_generator_kernel(trainer, llm,
+                                            args.flash_attn_version)
         assert set(loaded) == {len(weights)}, loaded
+        if args.trace_hidden:
+            llm.apply_model(functools.partial(add_hooks, only=("norm", )))
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
             SamplingParams(max_tokens=args.output_len, temperature=1.0,
@@ -213,23 +289,55 @@ def main():
             generator_logprobs.append(torch.tensor(
                 [entry[token].logprob
                  for entry, token in zip(sample.logprobs, sample.token_ids)]))
+        vllm_hidden = (torch.cat(llm.apply_model(
+            functools.partial(take_hooks))[0]["norm"])
+                       if args.trace_hidden else None)
         first_differences = (trace(llm, trainer, prompts[0], SamplingParams,
                                    device) if args.trace else None)
         llm.llm_engine.engine_core.shutdown()
 
-    trained = trainer_logprobs(trainer, sequences, args.prompt_len, device)
+    trainer_hidden = []
+    if args.trace_hidden:
+        hook = trainer.norm.register_forward_hook(
+            lambda module, args, output: trainer_hidden.append(
+                output.detach().float().cpu()))
+    trained = trainer_logprobs(
+        trainer, sequences, args.prompt_len, device,
+        vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs)
+    if args.trace_hidden:
+        hook.remove()
     diff = torch.cat([(a - b).abs() for a, b in zip(trained,
                                                     generator_logprobs)])
     mode = ", ".join(filter(None, [
         "batch-invariant" if batch_invariant else None,
         "eager" if args.enforce_eager else "compiled",
-        f"FA{args.flash_attn_version}" if args.flash_attn_version else None]))
+        f"FA{args.flash_attn_version}" if args.flash_attn_version else None,
+        f"trainer attention: vLLM's FA{kernel[1]} over {kernel[0]}-token "
+        "pages" if kernel else None,
+        "trainer built on the CPU" if args.cpu_built_trainer else None,
+        "log-probabilities by vLLM's kernel" if args.vllm_logprobs else None
+    ]))
     print(f"\n{args.size}, {args.dtype} on {device} ({mode}, init std "
           f"{args.init_std or 'default'}): "
           f"{args.num_prompts} prompts x {args.output_len} sampled tokens")
     print(f"|vLLM logprob - trainer logprob|: max {diff.max():.3e}, "
           f"mean {diff.mean():.3e}; bitwise equal "
           f"{(diff == 0).float().mean():.1%} of {diff.numel()} tokens")
+    differing = (diff != 0).view(args.num_prompts, args.output_len)
+    if 0 < int(differing.sum()) <= 0.1 * diff.numel():
+        # where the few differences are: which generation steps, which rows
+        steps = differing.nonzero()[:, 1].tolist()
+        print(f"differing tokens by generation step (0 = the prefill's "
+              f"token): {dict(sorted(Counter(steps).items()))}; in "
+              f"{int(differing.any(1).sum())} of {args.num_prompts} "
+              "sequences")
+    if vllm_hidden is not None:
+        # every row vLLM computed (prefill and decode steps, in its own
+        # batch order) against the trainer's rows, compared as bytes
+        ours = {row.numpy().tobytes() for row in trainer_hidden[0]}
+        equal = sum(row.numpy().tobytes() in ours for row in vllm_hidden)
+        print(f"final hidden states (the LM head's input): {equal} of "
+              f"vLLM's {len(vllm_hidden)} rows equal a trainer row bitwise")
     if first_differences is not None:
         for phase, found in zip(("prefill", "decode"), first_differences):
             print(f"first module whose output differs ({phase}): " + (

@@ -14,6 +14,13 @@ token is credited with the rewards from it to the end of its completion.
 
     python examples/offline_inference/rl_one_definition.py [--steps 120]
     python examples/offline_inference/rl_one_definition.py --device cuda --dtype bfloat16
+    python examples/offline_inference/rl_one_definition.py --device cuda --dtype bfloat16 \
+        --trainer-dtype float32
+
+`--dtype` is the engine's; `--trainer-dtype` (default: the same) keeps the
+trainer's weights and optimiser state in another dtype, with its forward
+under autocast to the engine's dtype: fp32 master weights, as mixed
+precision training keeps them, so small AdamW steps are not rounded away.
 
 Each step prints the reward, the time the weight push took, and the
 largest difference between vLLM's and the trainer's log-probabilities of
@@ -142,11 +149,12 @@ def load_pushed_weights(model, weights):
     return len(model.load_weights(weights.items()))
 
 
-def push_weights(llm: LLM, policy: nn.Module) -> float:
-    """Copy the trainer's weights into the running engine; returns the
-    seconds it took."""
+def push_weights(llm: LLM, policy: nn.Module, dtype: torch.dtype) -> float:
+    """Copy the trainer's weights, cast to the engine's dtype, into the
+    running engine; returns the seconds it took."""
     start = time.perf_counter()
-    weights = {name: p.detach().cpu() for name, p in policy.named_parameters()}
+    weights = {name: p.detach().to(dtype).cpu()
+               for name, p in policy.named_parameters()}
     llm.apply_model(functools.partial(load_pushed_weights, weights=weights))
     # cached prefixes hold KV computed with the old weights
     llm.reset_prefix_cache()
@@ -172,15 +180,22 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32",
-                        choices=["float32", "bfloat16"])
+                        choices=["float32", "bfloat16"],
+                        help="the engine's dtype")
+    parser.add_argument("--trainer-dtype", choices=["float32", "bfloat16"],
+                        help="the trainer's weights (default: --dtype)")
     parser.add_argument("--target-reward", type=float, default=0.9,
                         help="stop once the mean reward reaches this")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    trainer_dtype = getattr(torch, args.trainer_dtype or args.dtype)
+    # the trainer computes in the engine's dtype, whatever its weights' dtype
+    autocast = torch.autocast(torch.device(args.device).type, dtype=dtype,
+                              enabled=trainer_dtype != dtype)
 
     torch.manual_seed(0)
-    policy = Policy().to(args.device, dtype)
+    policy = Policy().to(args.device, trainer_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     ModelRegistry.register_model("RLPolicy", build_policy)
     llm = LLM(model=str(write_model_dir(policy, args.dtype)),
@@ -219,7 +234,8 @@ def main():
         token_advantages = advantages(rewards_t).flatten(0, 1)
 
         policy.train()
-        logprobs = sequence_logprobs(policy, flat_prompts, completions)
+        with autocast:
+            logprobs = sequence_logprobs(policy, flat_prompts, completions)
         logprob_diff = max(
             (ours.detach().cpu() - theirs).abs().max().item()
             for ours, theirs in zip(logprobs, vllm_logprobs))
@@ -228,7 +244,7 @@ def main():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        sync_seconds = push_weights(llm, policy)
+        sync_seconds = push_weights(llm, policy, dtype)
 
         mean_reward = rewards_t.mean().item()
         history.append((mean_reward, sync_seconds, logprob_diff))
@@ -243,7 +259,10 @@ def main():
             break
 
     rewards_seen = [r for r, _, _ in history]
-    print(f"\nGRPO on one model definition ({args.device}, {args.dtype}): "
+    trainer = (f", trainer {args.trainer_dtype}"
+               if trainer_dtype != dtype else "")
+    print(f"\nGRPO on one model definition ({args.device}, {args.dtype}"
+          f"{trainer}): "
           f"{len(history)} steps of {args.prompts_per_step} prompts x "
           f"{args.samples_per_prompt} samples")
     print(f"  reward {rewards_seen[0]:.3f} -> {rewards_seen[-1]:.3f} "

@@ -227,3 +227,90 @@ def relative_rms_errors(got: torch.Tensor, ref: torch.Tensor,
 
 def _fmt(errors: torch.Tensor) -> str:
     return "[" + ", ".join(f"{e:.1e}" for e in errors.tolist()) + "]"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flash_attn_version", [2, 3])
+@pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None),
+                                                   (4, 4, None), (4, 2, 5)])
+def test_cuda_generator_kernel_rows_equal_vllm_prefill_and_decode(
+        flash_attn_version, heads, kv_heads, window):
+    """With use_generator_attention_kernel, the training forward's rows are
+    bitwise the rows vLLM's FLASH_ATTN backend computes from its paged
+    cache: a prefill of each sequence's first half, then one-token decode
+    steps for the rest, batched across sequences (as with
+    VLLM_BATCH_INVARIANT=1: one split)."""
+    from vllm.model_executor.layers import trainable_attention
+    from vllm.model_executor.layers.trainable_attention import (
+        paged_kv, use_generator_attention_kernel)
+    flash_varlen = trainable_attention._vllm_flash_varlen()
+    if flash_varlen is None:
+        pytest.skip("vLLM's flash-attn kernels are not installed")
+    from vllm.vllm_flash_attn.flash_attn_interface import (
+        is_fa_version_supported)
+    if not is_fa_version_supported(flash_attn_version):
+        pytest.skip(f"FA{flash_attn_version} is not supported on this GPU")
+    lengths = [1, 7, 64, 129, 300]
+    head_dim, block_size = 128, 16
+    q, k, v, cu = packed_inputs(lengths, heads, kv_heads, head_dim,
+                                torch.bfloat16, "cuda")
+    attn = TrainableFlashAttention(heads, head_dim, kv_heads,
+                                   sliding_window=window)
+    assert use_generator_attention_kernel(attn, block_size,
+                                          flash_attn_version) == 1
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attn(*inputs, cu_seqlens=cu)
+
+    key_cache, value_cache, block_table = paged_kv(k, v, cu, block_size)
+    window_size = (-1 if window is None else window - 1, 0)
+
+    def vllm_step(rows, sequence_of_row, keys_seen, query_lens):
+        cu_q = torch.tensor([0] + query_lens, device="cuda").cumsum(
+            0, dtype=torch.int32)
+        return flash_varlen(
+            q[rows], key_cache, value_cache, max_seqlen_q=max(query_lens),
+            cu_seqlens_q=cu_q, max_seqlen_k=max(keys_seen),
+            seqused_k=torch.tensor(keys_seen, dtype=torch.int32,
+                                   device="cuda"),
+            block_table=block_table[sequence_of_row], softmax_scale=head_dim
+            **-0.5, causal=True, window_size=window_size, num_splits=1,
+            fa_version=flash_attn_version)
+
+    starts = cu[:-1].tolist()
+    halves = [(n + 1) // 2 for n in lengths]
+    prefill_rows = torch.tensor([s + i for s, h in zip(starts, halves)
+                                 for i in range(h)], device="cuda")
+    prefill = vllm_step(prefill_rows, torch.arange(len(lengths)), halves,
+                        halves)
+    decode = [(s + i, seq, i + 1) for seq, (s, n, h) in enumerate(
+        zip(starts, lengths, halves)) for i in range(h, n)]
+    decode_rows = torch.tensor([r for r, _, _ in decode], device="cuda")
+    decoded = vllm_step(decode_rows, torch.tensor([s for _, s, _ in decode]),
+                        [n for _, _, n in decode], [1] * len(decode))
+    assert torch.equal(out[prefill_rows], prefill)
+    assert torch.equal(out[decode_rows], decoded)
+
+    # gradients: the flash backward, as on the contiguous path
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    attn.paged_kernel = None
+    reference_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    attn(*reference_inputs, cu_seqlens=cu).backward(grad_out)
+    for name, ours, reference in zip("qkv", inputs, reference_inputs):
+        error = (ours.grad.float() - reference.grad.float()).norm() / (
+            reference.grad.float().norm())
+        assert error < 1e-2, f"d{name}: relative error {error:.2e}"
+
+
+def test_generator_kernel_clear_errors():
+    from vllm.model_executor.layers.trainable_attention import (
+        use_generator_attention_kernel)
+    attn = TrainableFlashAttention(2, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        use_generator_attention_kernel(attn, block_size=8)
+    with pytest.raises(ValueError, match="2 or 3"):
+        use_generator_attention_kernel(attn, flash_attn_version=4)
+    use_generator_attention_kernel(attn)
+    q, k, v = _qkv(2, 2, 64)
+    with pytest.raises(ValueError, match="fp16/bf16 tensors on CUDA"):
+        attn(q, k, v)

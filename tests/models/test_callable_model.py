@@ -133,3 +133,49 @@ def test_lambda_tensor_parallel_matches_reference(tiny_engine_tp2,
          [config.hidden_size, config.intermediate_size // 2]]
         for rank in (0, 1)
     ]
+
+
+LATE_ARRIVAL = """
+import os, sys
+from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.models.callable_model import CallableModelWrapper
+from vllm.model_executor.models.registry import ModelRegistry  # built now
+if len(sys.argv) > 2:  # what vLLM's Ray executor does in each worker
+    os.environ["VLLM_MODEL_REGISTRATIONS"] = sys.argv[2]
+config = EngineArgs(model=sys.argv[1]).create_model_config()
+model_cls, arch = ModelRegistry.resolve_model_cls(config.architectures,
+                                                  config)
+print("RESOLVED", arch, issubclass(model_cls, CallableModelWrapper))
+"""
+
+
+def test_registration_arriving_after_import_is_adopted(tmp_path,
+                                                       monkeypatch):
+    """A Ray worker imports vLLM before vLLM's Ray executor copies the
+    driver's environment into it; the registration that arrives then is
+    adopted when its architecture is first looked up."""
+    from tests.models.tiny_decoder import build_tiny_decoder, write_checkpoint
+    from vllm.model_executor.models.registry_propagation import (
+        ENV_VAR, propagate_registration)
+    write_checkpoint(tmp_path / "model", arch="TinyArrivesLate")
+    monkeypatch.delenv(ENV_VAR, raising=False)  # restored afterwards
+    propagate_registration("TinyArrivesLate",
+                           lambda vllm_config, parallel_context:
+                           build_tiny_decoder(vllm_config, parallel_context))
+    payload = os.environ[ENV_VAR]
+    monkeypatch.delenv(ENV_VAR)
+    (tmp_path / "late.py").write_text(LATE_ARRIVAL)
+    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_LOGGING_LEVEL="ERROR")
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(tmp_path / "late.py"),
+             str(tmp_path / "model"), *args], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=300)
+
+    arrived = run(payload)
+    assert arrived.returncode == 0, (arrived.stdout + arrived.stderr)[-3000:]
+    assert "RESOLVED TinyArrivesLate True" in arrived.stdout
+    never_arrived = run()
+    assert never_arrived.returncode != 0
+    assert "TinyArrivesLate" in never_arrived.stderr

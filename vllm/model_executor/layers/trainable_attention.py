@@ -19,6 +19,9 @@ output. Where it runs decides what it does:
   present, else PyTorch's `aten._flash_attention_forward`) with the flash
   backward kernel (`aten._flash_attention_backward`). On other devices it
   runs a reference path (SDPA per sequence) with the same numbers.
+  `use_generator_attention_kernel` switches the CUDA forward to the kernel
+  vLLM's FLASH_ATTN backend runs over its paged KV cache, for trainers that
+  must reproduce the generator's log-probabilities bit for bit.
 
 The vLLM `Attention` layer is created by `bind_to_vllm`, which
 `CallableModelWrapper` calls for every `TrainableFlashAttention` in the
@@ -30,6 +33,7 @@ passes `positions` to the model's forward, and training code passes
 boundary), so both modes see the same rotated q and k.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -40,6 +44,24 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 TrainingBackend = Literal["auto", "flash", "reference"]
+
+
+@dataclass(frozen=True)
+class PagedKernel:
+    """The attention kernel as vLLM's FLASH_ATTN backend runs it on CUDA.
+
+    vLLM reads keys and values from its paged KV cache, prefill and decode
+    alike, and a block table selects other kernel code than contiguous K/V
+    does (FA2's split-KV kernel, FA3's paged tiles): another key tile, so
+    another summation order in the online softmax, and outputs that differ
+    by an ulp. A training forward that copies K/V into pages of the same
+    block size and calls the same kernel with `num_splits=1` (what vLLM
+    uses in batch-invariant mode) reproduces the generator's rows bit for
+    bit: each query row's result depends only on its own keys and the key
+    tiling, not on which other rows share the call.
+    """
+    block_size: int = 16
+    flash_attn_version: int = 2
 
 
 class TrainableFlashAttention(nn.Module):
@@ -95,6 +117,8 @@ class TrainableFlashAttention(nn.Module):
         # The vLLM layer, set by bind_to_vllm. It has no parameters, so the
         # module loads the same checkpoint in both modes.
         self.vllm_attention: nn.Module | None = None
+        # Set by use_generator_attention_kernel.
+        self.paged_kernel: PagedKernel | None = None
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads="
@@ -180,6 +204,13 @@ class TrainableFlashAttention(nn.Module):
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         dropout = self.dropout if self.training else 0.0
+        if self.paged_kernel is not None:
+            self._check_paged_kernel_inputs(q, dropout)
+            kernel = self.paged_kernel
+            return PagedFlashAttentionVarlen.apply(
+                q, k, v, cu_seqlens, max_seqlen, self.softmax_scale,
+                self._window_left(), kernel.block_size,
+                kernel.flash_attn_version)
         if self._use_flash(q):
             return FlashAttentionVarlen.apply(q, k, v, cu_seqlens, max_seqlen,
                                               self.softmax_scale, self.causal,
@@ -198,6 +229,20 @@ class TrainableFlashAttention(nn.Module):
                 f"device, got {q.dtype} on {q.device}; use 'reference' or "
                 "'auto' for other inputs.")
         return usable
+
+    def _check_paged_kernel_inputs(self, q: torch.Tensor,
+                                   dropout: float) -> None:
+        if _vllm_flash_varlen() is None or not q.is_cuda or q.dtype not in (
+                torch.float16, torch.bfloat16):
+            raise ValueError(
+                "use_generator_attention_kernel needs vLLM's flash-attn "
+                "kernels (vllm.vllm_flash_attn) and fp16/bf16 tensors on "
+                f"CUDA, got {q.dtype} on {q.device}.")
+        if dropout or not self.causal:
+            raise ValueError(
+                "use_generator_attention_kernel reproduces vLLM's causal "
+                "attention without dropout; this module has causal="
+                f"{self.causal}, dropout={self.dropout}.")
 
     def _window_left(self) -> int:
         return -1 if self.sliding_window is None else self.sliding_window - 1
@@ -245,6 +290,32 @@ def bind_trainable_attention(model: nn.Module, cache_config=None,
             module.bind_to_vllm(f"{path}.vllm_attention", cache_config)
             bound += 1
     return bound
+
+
+def use_generator_attention_kernel(model: nn.Module, block_size: int = 16,
+                                   flash_attn_version: int = 2) -> int:
+    """Run the training forward of every `TrainableFlashAttention` in
+    `model` through the kernel vLLM's FLASH_ATTN backend runs: keys and
+    values copied into pages of `block_size` tokens, vLLM's
+    `flash_attn_varlen_func` with a block table and `num_splits=1`. Pass the
+    engine's KV-cache block size and flash-attention version. With vLLM's
+    batch-invariant mode on in both processes (`VLLM_BATCH_INVARIANT=1`,
+    which also makes the engine use one split), the trainer's attention
+    rows then equal the generator's bit for bit. Gradients still come from
+    the flash backward kernel. Returns how many modules were switched."""
+    if block_size < 1 or block_size % 16:
+        raise ValueError(f"block_size must be a positive multiple of 16 "
+                         f"(vLLM's flash KV cache pages), got {block_size}")
+    if flash_attn_version not in (2, 3):
+        raise ValueError(f"flash_attn_version must be 2 or 3, got "
+                         f"{flash_attn_version}")
+    kernel = PagedKernel(block_size, flash_attn_version)
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, TrainableFlashAttention):
+            module.paged_kernel = kernel
+            switched += 1
+    return switched
 
 
 def _in_vllm_forward() -> bool:
@@ -356,6 +427,63 @@ class FlashAttentionVarlen(torch.autograd.Function):
             scale=scale, window_size_left=_or_none(window_left),
             window_size_right=_or_none(window_right))
         return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+class PagedFlashAttentionVarlen(FlashAttentionVarlen):
+    """vLLM's flash kernel over a paged copy of K/V (see `PagedKernel`),
+    causal, one split; the backward is FA2's on the contiguous K/V, with
+    this forward's output and log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, window_left,
+                block_size, flash_attn_version):
+        _log_backend_once(f"FA{flash_attn_version} varlen over paged K/V "
+                          "(vllm_flash_attn, as vLLM's FLASH_ATTN backend) "
+                          "+ aten._flash_attention_backward")
+        key_cache, value_cache, block_table = paged_kv(k, v, cu_seqlens,
+                                                       block_size)
+        out, lse = _vllm_flash_varlen()(
+            q, key_cache, value_cache, max_seqlen_q=max_seqlen,
+            cu_seqlens_q=cu_seqlens, max_seqlen_k=max_seqlen,
+            seqused_k=(cu_seqlens[1:] - cu_seqlens[:-1]).int(),
+            block_table=block_table, softmax_scale=scale, causal=True,
+            window_size=(window_left, 0), num_splits=1,
+            fa_version=flash_attn_version, return_softmax_lse=True)
+        seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        # what FlashAttentionVarlen.backward reads: causal, no dropout
+        ctx.args = (max_seqlen, scale, True, window_left, 0, 0.0)
+        return out
+
+
+def paged_kv(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+             block_size: int):
+    """Packed K/V `[tokens, kv_heads, head_dim]` copied into pages laid out
+    as vLLM's flash KV cache is (`[blocks, block_size, kv_heads,
+    2 * head_dim]`, each head's key then value), each sequence in pages of
+    its own. Returns the key and value views and the int32 block table."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    blocks_per_sequence = (lengths + block_size - 1) // block_size
+    first_block = blocks_per_sequence.cumsum(0) - blocks_per_sequence
+    num_blocks = max(int(blocks_per_sequence.sum()), 1)
+    width = max(int(blocks_per_sequence.max()), 1)
+    block_table = first_block[:, None] + torch.arange(width, device=k.device)
+    # vLLM pads block tables with block 0; those entries are never read
+    block_table = torch.where(
+        block_table < (first_block + blocks_per_sequence)[:, None],
+        block_table, 0).int()
+    sequence = torch.repeat_interleave(
+        torch.arange(len(lengths), device=k.device), lengths)
+    position = torch.arange(k.shape[0], device=k.device) - cu_seqlens[
+        sequence].long()
+    slot = first_block[sequence] * block_size + position
+    head_dim = k.shape[-1]
+    pages = k.new_zeros(num_blocks * block_size, k.shape[1], 2 * head_dim)
+    pages[slot, :, :head_dim] = k
+    pages[slot, :, head_dim:] = v
+    pages = pages.view(num_blocks, block_size, k.shape[1], 2 * head_dim)
+    key_cache, value_cache = pages.split(head_dim, dim=-1)
+    return key_cache, value_cache, block_table
 
 
 def _or_none(window: int) -> int | None:

@@ -13,6 +13,11 @@ adds the inherited entries to its registry when the registry is imported,
 and unpickles an entry only when that architecture is first inspected or
 loaded.
 
+A process whose environment receives the variable after vLLM was imported
+(a Ray worker: vLLM's Ray executor sets it through
+`update_environment_variables`) adopts the entries when an architecture
+it does not know is first looked up.
+
 A `"module:attr"` registration travels as its name and is imported in each
 process. Those processes start with this process's import path: spawned
 ones through multiprocessing, the registry's inspection subprocess through
@@ -120,6 +125,19 @@ class InheritedRegistration:
 
     def load_model_cls(self) -> type["nn.Module"]:
         return self._registered.load_model_cls()
+
+
+def adopt_late_registrations(models: dict[str, Any],
+                             architectures: list[str]) -> None:
+    """Add to `models` the registrations for `architectures` that reached
+    this process's environment after its registry was built. vLLM's Ray
+    executor copies the driver's environment variables into each worker
+    only after the worker actor has imported vLLM, registry included."""
+    missing = [arch for arch in architectures if arch not in models]
+    if missing and os.environ.get(ENV_VAR):
+        inherited = inherited_registrations()
+        models.update((arch, inherited[arch]) for arch in missing
+                      if arch in inherited)
 
 
 def _decode(encoded: str | None) -> dict[str, bytes]:
