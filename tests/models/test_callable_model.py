@@ -179,3 +179,61 @@ def test_registration_arriving_after_import_is_adopted(tmp_path,
     never_arrived = run()
     assert never_arrived.returncode != 0
     assert "TinyArrivesLate" in never_arrived.stderr
+
+
+PLUGIN_MODULE = """
+from vllm import ModelRegistry
+
+
+def register():  # vLLM calls it in every process it starts
+    ModelRegistry.register_model("TinyFromPlugin",
+                                 "tests.models.tiny_decoder:build_tiny_decoder")
+"""
+
+GENERATE_WITHOUT_REGISTERING = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32",
+              hf_overrides={"architectures": ["TinyFromPlugin"]},
+              gpu_memory_utilization=0.1, max_model_len=512, seed=0)
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in json.loads(sys.argv[2])],
+        SamplingParams(max_tokens=int(sys.argv[3]), temperature=0.0,
+                       ignore_eos=True, detokenize=False), use_tqdm=False)
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids)
+                                  for o in outputs]))
+"""
+
+
+def test_installed_package_registers_through_vllm_plugin(
+        tiny_checkpoint, tiny_reference_tokens, tmp_path):
+    """An installed package registers its factory from vLLM's
+    `vllm.general_plugins` entry point; a script that never calls
+    register_model serves it. The package is "installed" as pip leaves it:
+    its module and a .dist-info with entry_points.txt on the import path."""
+    path, _ = tiny_checkpoint
+    site = tmp_path / "site-packages"
+    (site / "tiny_plugin_models").mkdir(parents=True)
+    (site / "tiny_plugin_models/__init__.py").write_text(PLUGIN_MODULE)
+    dist_info = site / "tiny_plugin_models-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: tiny-plugin-models\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[vllm.general_plugins]\ntiny_models = tiny_plugin_models:register\n")
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE_WITHOUT_REGISTERING)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
+               VLLM_LOGGING_LEVEL="ERROR")
+    env.pop("VLLM_MODEL_REGISTRATIONS", None)
+    env.pop("VLLM_PLUGINS", None)  # every installed plugin loads
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), json.dumps(PROMPTS),
+         str(MAX_TOKENS)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    line = next(line for line in result.stdout.splitlines()
+                if line.startswith("TOKENS "))
+    assert json.loads(line.removeprefix("TOKENS ")) == tiny_reference_tokens
