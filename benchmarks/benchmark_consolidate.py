@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -109,11 +108,18 @@ def main():
               f"{args.hidden}, {args.layers} layers) with DeepSpeed ...",
               flush=True)
         launcher = Path(sys.executable).parent / "deepspeed"
-        subprocess.run([str(launcher), "--num_gpus", "2", __file__,
-                        "--hidden", str(args.hidden), "--layers",
-                        str(args.layers), "--stage", str(args.stage),
-                        "--write", str(checkpoint)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        writer = subprocess.run(
+            [str(launcher), "--num_gpus", "2", __file__, "--hidden",
+             str(args.hidden), "--layers", str(args.layers), "--stage",
+             str(args.stage), "--write", str(checkpoint)],
+            capture_output=True, text=True)
+        if writer.returncode != 0:
+            sys.exit(f"DeepSpeed could not write the checkpoint (exit "
+                     f"{writer.returncode}; each of its two ranks holds the "
+                     "whole model and Adam's states while it trains, and "
+                     "the kernel kills it when memory runs out: try fewer "
+                     "--layers). Its last output:\n" +
+                     (writer.stdout + writer.stderr)[-2000:])
         from safetensors import safe_open
         rows = []
         for index, (name, code) in enumerate(METHODS.items()):

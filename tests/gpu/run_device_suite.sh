@@ -16,7 +16,9 @@ fi
 python3 tools/patchset.py apply --target /tmp/site || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 [ $# -gt 0 ] || set -- kernels engine bench_attention
+index=0
 for step in "$@"; do
+  index=$((index + 1))
   echo "=== $step"
   case $step in
     kernels)
@@ -27,7 +29,8 @@ for step in "$@"; do
       grep -E "^--- run|passed|failed" "$OUT/kernels.log" ;;
     engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_trainable_attention_engine.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
     bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
-    *) timeout 500 bash -c "$step" > "$OUT/$(echo "$step" | tr -c 'a-zA-Z0-9' _ | cut -c1-40).log" 2>&1 ;;
+    # numbered: two commands that start alike must not share a log
+    *) timeout 500 bash -c "$step" > "$OUT/$index-$(echo "$step" | tr -c 'a-zA-Z0-9' _ | cut -c1-40).log" 2>&1 ;;
   esac
-  tail -25 "$OUT"/*.log | tail -40
+  tail -n 25 "$OUT"/*.log | tail -n 40
 done

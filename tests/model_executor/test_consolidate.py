@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, make_llm, shutdown_llm
+from tests.conftest import REPO
 from vllm.model_executor.model_loader.consolidate import (ConsolidateError,
                                                           consolidate)
 
@@ -126,18 +126,31 @@ def test_dcp_from_two_ranks(llama, tmp_path):
                 {k: v.to(torch.bfloat16) for k, v in state.items()})
 
 
-def test_output_loads_in_vllm_and_generates_the_models_tokens(
-        llama, tmp_path):
-    """ZeRO-free here: the Llama saved sharded, consolidated, served."""
+def test_validate_load_serves_the_models_tokens(llama, tmp_path):
+    """ZeRO-free here: the Llama saved sharded, consolidated by the command
+    with --validate-load, which loads the result in vllm.LLM: its greedy
+    tokens are transformers'. An output vLLM cannot build fails the
+    command with the reason."""
     model, reference = llama
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
-    consolidate(tmp_path / "sharded", tmp_path / "out")
-    from tests.conftest import greedy_tokens
-    llm = make_llm(tmp_path / "out")
-    try:
-        assert greedy_tokens(llm, [[1, 2, 3, 4]], 8) == [reference]
-    finally:
-        shutdown_llm(llm)
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR")
+    command = [VLLM, "consolidate", "--input", str(tmp_path / "sharded"),
+               "--validate-load"]
+    result = subprocess.run(command + ["--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"greedy tokens after [1, 2, 3, 4]: {reference}" in result.stdout
+
+    config = json.loads((tmp_path / "sharded/config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (tmp_path / "sharded/config.json").write_text(json.dumps(config))
+    failed = subprocess.run(command + ["--output", str(tmp_path / "bad")],
+                            capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert failed.returncode == 1, (failed.stdout + failed.stderr)[-3000:]
+    assert "--validate-load: vllm.LLM could not load" in failed.stderr
+    assert "NoSuchModelForCausalLM" in failed.stderr
 
 
 # ------------------------------------------------------------- bad input

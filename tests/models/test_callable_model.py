@@ -94,15 +94,20 @@ def test_module_string_from_script_directory(tiny_checkpoint,
     parent's import path to find it."""
     path, _ = tiny_checkpoint
     env = dict(os.environ, PYTHONPATH=str(REPO))  # not the script's dir
+    assert generate_in_script(SCRIPT, path, tmp_path, env) == (
+        tiny_reference_tokens)
+
+
+def generate_in_script(script: Path, model_dir, cwd, env) -> list:
+    """The greedy tokens a script prints ("TOKENS [...]") for PROMPTS."""
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(path), json.dumps(PROMPTS),
-         str(MAX_TOKENS)], cwd=tmp_path, env=env, capture_output=True,
+        [sys.executable, str(script), str(model_dir), json.dumps(PROMPTS),
+         str(MAX_TOKENS)], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     line = next(line for line in result.stdout.splitlines()
                 if line.startswith("TOKENS "))
-    tokens = json.loads(line.removeprefix("TOKENS "))
-    assert tokens == tiny_reference_tokens
+    return json.loads(line.removeprefix("TOKENS "))
 
 
 def test_unimportable_module_string_is_refused_at_registration():
@@ -229,11 +234,5 @@ def test_installed_package_registers_through_vllm_plugin(
                VLLM_LOGGING_LEVEL="ERROR")
     env.pop("VLLM_MODEL_REGISTRATIONS", None)
     env.pop("VLLM_PLUGINS", None)  # every installed plugin loads
-    result = subprocess.run(
-        [sys.executable, str(script), str(path), json.dumps(PROMPTS),
-         str(MAX_TOKENS)], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    line = next(line for line in result.stdout.splitlines()
-                if line.startswith("TOKENS "))
-    assert json.loads(line.removeprefix("TOKENS ")) == tiny_reference_tokens
+    assert generate_in_script(script, path, tmp_path, env) == (
+        tiny_reference_tokens)

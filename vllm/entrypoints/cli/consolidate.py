@@ -128,14 +128,30 @@ def run_one(args) -> int:
     return 0
 
 
+# token ids every vocabulary has
+VALIDATION_PROMPT = [1, 2, 3, 4]
+
+
 def validate_load(directory: Path) -> int:
+    """Load the consolidated directory in `vllm.LLM` and generate a few
+    greedy tokens; 0 on success, 1 (with the reason) on failure."""
     from vllm import LLM, SamplingParams
-    llm = LLM(model=str(directory), dtype="float32", max_model_len=256,
-              gpu_memory_utilization=0.1, skip_tokenizer_init=True)
-    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
-                       SamplingParams(max_tokens=4, temperature=0.0))
-    print(f"  loaded in vllm.LLM: greedy tokens "
-          f"{list(out[0].outputs[0].token_ids)}")
+    try:
+        llm = LLM(model=str(directory), max_model_len=256,
+                  gpu_memory_utilization=0.1, skip_tokenizer_init=True)
+        out = llm.generate([{"prompt_token_ids": VALIDATION_PROMPT}],
+                           SamplingParams(max_tokens=8, temperature=0.0,
+                                          ignore_eos=True, detokenize=False),
+                           use_tqdm=False)
+    except Exception as error:  # any reason the engine could not serve it
+        print(f"--validate-load: vllm.LLM could not load {directory}: "
+              f"{type(error).__name__}: {error}\n  The consolidated files "
+              "were written; check config.json's architectures and the "
+              "tensor names against the model vLLM builds for them.",
+              file=sys.stderr)
+        return 1
+    print(f"  loaded in vllm.LLM: greedy tokens after "
+          f"{VALIDATION_PROMPT}: {list(out[0].outputs[0].token_ids)}")
     return 0
 
 
