@@ -200,6 +200,23 @@ def test_validator_reports_what_matched_and_what_is_wrong(capsys):
     assert "needs exactly one module that is or holds the nn.ModuleList" in out
 
 
+def test_tied_lm_head_in_the_plan_is_an_error(capsys):
+    """An LM head tied to the embedding cannot be sharded as a layer of its
+    own; left out of the plan, the tied pair is fine."""
+    model = ForgatherStyleModel()
+    model.model.output_decoder.weight = (
+        model.model.input_encoder.embedding.weight)
+    assert not validate_vllm_plans(model)
+    out = capsys.readouterr().out
+    assert ("model.input_encoder.embedding shares its weight with "
+            "model.output_decoder (tied), and the plan shards it "
+            "('rowwise')") in out
+    untied_plan = {pattern: style for pattern, style in TP_PLAN.items()
+                   if pattern not in ("model.input_encoder.embedding",
+                                      "model.output_decoder")}
+    assert validate_vllm_plans(model, tp_plan=untied_plan)
+
+
 def test_print_model_structure(capsys):
     print_model_structure(ForgatherStyleModel(), max_depth=4,
                           show_params=True)

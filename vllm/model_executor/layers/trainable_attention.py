@@ -51,13 +51,14 @@ class PagedKernel:
     """The attention kernel as vLLM's FLASH_ATTN backend runs it on CUDA.
 
     vLLM reads keys and values from its paged KV cache, prefill and decode
-    alike, and a block table selects other kernel code than contiguous K/V
-    does (FA2's split-KV kernel, FA3's paged tiles): another key tile, so
-    another summation order in the online softmax, and outputs that differ
-    by an ulp. A training forward that copies K/V into pages of the same
-    block size and calls the same kernel with `num_splits=1` (what vLLM
-    uses in batch-invariant mode) reproduces the generator's rows bit for
-    bit: each query row's result depends only on its own keys and the key
+    alike, and a block table can select other kernel code than contiguous
+    K/V does: another key tile, so another summation order in the online
+    softmax, and outputs an ulp apart. (On an H100 with FA3 it does; FA2's
+    contiguous kernel gave the paged kernel's results for Qwen3's shapes.)
+    A training forward that copies K/V into pages of the same block size
+    and calls the same kernel with `num_splits=1` (what vLLM uses in
+    batch-invariant mode) reproduces the generator's rows bit for bit:
+    each query row's result depends only on its own keys and the key
     tiling, not on which other rows share the call.
     """
     block_size: int = 16

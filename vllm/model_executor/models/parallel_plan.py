@@ -193,7 +193,34 @@ def plan_style_problems(model: nn.Module,
                 f"{generic_name(opener)}'s column-sharded output and writes "
                 "the hidden size: the layer that closes a colwise pair must "
                 "be 'rowwise'")
+    problems += _tied_weight_problems(model, matches)
     return list(dict.fromkeys(problems))
+
+
+def _tied_weight_problems(model: nn.Module, matches: dict) -> list[str]:
+    """Sharding replaces a layer and its weight, so a weight that several
+    layers share (an LM head tied to the embedding) would become separate
+    tensors, one of them never loaded."""
+    sharers: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            sharers.setdefault(id(weight), []).append(name)
+    problems = []
+    for names in sharers.values():
+        sharded = [name for name in names
+                   if matches.get(name, (None, "replicate"))[1] != "replicate"]
+        if len(names) > 1 and sharded:
+            problems.append(
+                f"error: {generic_name(sharded[0])} shares its weight with "
+                + ", ".join(generic_name(n) for n in names
+                            if n != sharded[0]) +
+                f" (tied), and the plan shards it "
+                f"('{matches[sharded[0]][1]}'): the sharded layers would get "
+                "weights of their own. Leave the tied layers out of the plan "
+                "(they then run whole on every rank), or untie them in the "
+                "factory when the checkpoint holds both tensors")
+    return problems
 
 
 def generic_name(name: str) -> str:
