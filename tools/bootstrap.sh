@@ -34,7 +34,7 @@ done
 
 case $what in
   demo) exec .venv/bin/python examples/offline_inference/generic_model.py "$@" ;;
-  test) exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 tests "$@" ;;
+  test) exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=15 tests "$@" ;;
   setup) ;;
   *) echo "usage: bash tools/bootstrap.sh demo|test|setup" >&2; exit 2 ;;
 esac
