@@ -32,7 +32,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from vllm.model_executor.layers.trainable_attention import (
@@ -347,7 +346,8 @@ class PipelineStage:
                  parallel_context: ParallelContext, hidden_size: int,
                  model_name: str = "model") -> None:
         from vllm.distributed.utils import get_pp_indices
-        from vllm.model_executor.models.utils import PPMissingLayer
+        from vllm.model_executor.models.utils import (
+            PPMissingLayer, make_empty_intermediate_tensors_factory)
 
         problems = [p for p in pp_plan_problems(model, pp_plan)
                     if p.startswith("error")]
@@ -355,9 +355,7 @@ class PipelineStage:
             raise ParallelPlanError(
                 f"The pipeline-parallel plan of {model_name} does not fit "
                 "it:\n" + "\n".join(f"  - {p}" for p in problems))
-        self.model = model
         self.parallel_context = parallel_context
-        self.hidden_size = hidden_size
         steps = plan_steps(pp_plan)
         stack_index = next(i for i, step in enumerate(steps)
                            if layer_stack(model, step) is not None)
@@ -386,10 +384,12 @@ class PipelineStage:
                 _set_submodule(model, step.name, PPMissingLayer())
             elif not (last and "logits" in step.outputs):
                 # logits are vLLM's compute_logits step, not forward's
-                self.steps.append(step)
+                self.steps.append((step, model.get_submodule(step.name)))
         # What crosses a stage boundary: the layer stack's outputs.
         self.boundary = steps[stack_index].outputs
-        self.layer_range = (start, end)
+        self.make_empty_intermediate_tensors = (
+            make_empty_intermediate_tensors_factory(self.boundary,
+                                                    hidden_size))
 
     def __call__(self, input_ids, positions, intermediate_tensors=None,
                  inputs_embeds=None):
@@ -399,23 +399,14 @@ class PipelineStage:
                   "inputs_embeds": inputs_embeds}
         if intermediate_tensors is not None:
             values.update(intermediate_tensors.tensors)
-        for step in self.steps:
-            module = self.model.get_submodule(step.name)
+        for step, module in self.steps:
             out = module(*(values.get(name) for name in step.inputs))
             outs = out if isinstance(out, tuple) else (out, )
             values.update(zip(step.outputs, outs))
         if not self.parallel_context.is_last_pp_rank:
             return IntermediateTensors(
                 {name: values[name] for name in self.boundary})
-        return values[self.steps[-1].outputs[0]]
-
-    def make_empty_intermediate_tensors(self, batch_size: int,
-                                        dtype: torch.dtype,
-                                        device: torch.device):
-        from vllm.model_executor.models.utils import (
-            make_empty_intermediate_tensors_factory)
-        return make_empty_intermediate_tensors_factory(
-            self.boundary, self.hidden_size)(batch_size, dtype, device)
+        return values[self.steps[-1][0].outputs[0]]
 
 
 def failing_module(model: nn.Module, error: BaseException) -> str | None:
