@@ -149,18 +149,13 @@ def trace(llm, model, prompt, sampling_params_cls, device):
     decode = {name: calls[1] for name, calls in captured.items()
               if len(calls) > 1}
 
-    trainer_captured = {}
-    handles = [child.register_forward_hook(
-        lambda module, args, output, name=name: trainer_captured.__setitem__(
-            name, (output[0] if isinstance(output, tuple) else output)
-            .detach().float().cpu()))
-        for name, child in model.named_modules() if name]
+    add_hooks(model)
     # the prompt plus vLLM's first greedy token, as one training sequence
     first_token = int(captured["output"][0][-1].argmax())
     full = prompt + [first_token]
     trainer_logprobs(model, [full], len(full) - 1, device)
-    for handle in handles:
-        handle.remove()
+    trainer_captured = {name: calls[0]
+                        for name, calls in take_hooks(model).items()}
     n = len(prompt)
     return (first_difference(prefill, trainer_captured, slice(0, n)),
             first_difference(decode, trainer_captured, slice(n, n + 1)))
@@ -296,16 +291,13 @@ def main():
                                    device) if args.trace else None)
         llm.llm_engine.engine_core.shutdown()
 
-    trainer_hidden = []
     if args.trace_hidden:
-        hook = trainer.norm.register_forward_hook(
-            lambda module, args, output: trainer_hidden.append(
-                output.detach().float().cpu()))
+        add_hooks(trainer, only=("norm", ))
     trained = trainer_logprobs(
         trainer, sequences, args.prompt_len, device,
         vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs)
-    if args.trace_hidden:
-        hook.remove()
+    trainer_hidden = (take_hooks(trainer)["norm"][0]
+                      if args.trace_hidden else None)
     diff = torch.cat([(a - b).abs() for a, b in zip(trained,
                                                     generator_logprobs)])
     mode = ", ".join(filter(None, [
@@ -334,7 +326,7 @@ def main():
     if vllm_hidden is not None:
         # every row vLLM computed (prefill and decode steps, in its own
         # batch order) against the trainer's rows, compared as bytes
-        ours = {row.numpy().tobytes() for row in trainer_hidden[0]}
+        ours = {row.numpy().tobytes() for row in trainer_hidden}
         equal = sum(row.numpy().tobytes() in ours for row in vllm_hidden)
         print(f"final hidden states (the LM head's input): {equal} of "
               f"vLLM's {len(vllm_hidden)} rows equal a trainer row bitwise")
