@@ -7,13 +7,10 @@ sampling, side by side in one process.
     python benchmarks/benchmark_torchtitan_qwen3.py --size 0.6b   # GPU
     python benchmarks/benchmark_torchtitan_qwen3.py --size small  # CPU
 
-All engines are started first and stay up; then each round times one
-generate() on each engine in turn (the order alternates from round to
-round), so drift of a shared or noisy machine hits every engine alike.
-Warm-up rounds are run and discarded. The ratio reported is the median over
-rounds of (engine tok/s) / (native tok/s) in the same round, with the
-per-round minimum and maximum and a 95% bootstrap confidence interval of
-that median: the interval says whether the run resolves a 5% difference.
+Engines stay resident and are timed in interleaved rounds
+(interleaved_rounds.py); each engine's throughput is reported as the
+median over rounds of its ratio to native's in the same round, with a 95%
+bootstrap confidence interval.
 
 `--profile-dir DIR` then profiles one generate() per engine with vLLM's
 torch profiler and prints each engine's kernels by GPU time, grouped into
@@ -30,18 +27,17 @@ torch.compile (`supports_torch_compile = False`).
 import argparse
 import functools
 import json
-import random
 import re
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/torchtitan_qwen3"))
 
+from interleaved_rounds import (print_summary, run_rounds,  # noqa: E402
+                                start_engine, token_prompts)
 from model import ARCH, Qwen3Config, build_qwen3  # noqa: E402
 
 SIZES = {
@@ -69,40 +65,6 @@ def variant(supports_torch_compile=True, use_vllm_linear_method=True):
     factory.supports_torch_compile = supports_torch_compile
     factory.use_vllm_linear_method = use_vllm_linear_method
     return factory
-
-
-def start_engine(model_dir, args, profile_dir: Path | None):
-    from vllm import LLM
-    start = time.perf_counter()
-    profiler_config = None
-    if profile_dir is not None:
-        profiler_config = {"profiler": "torch",
-                           "torch_profiler_dir": str(profile_dir),
-                           "torch_profiler_with_stack": False}
-    llm = LLM(model=str(model_dir), load_format="dummy",
-              skip_tokenizer_init=True, dtype=args.dtype, seed=0,
-              max_model_len=args.input_len + args.output_len + 16,
-              gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager,
-              profiler_config=profiler_config)
-    return llm, time.perf_counter() - start
-
-
-def tokens_per_second(llm, prompts, params) -> float:
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
-
-
-def median_interval(values: list[float], level=0.95, samples=10000):
-    """Bootstrap confidence interval of the median of `values`."""
-    rng = random.Random(0)
-    medians = sorted(
-        statistics.median(rng.choices(values, k=len(values)))
-        for _ in range(samples))
-    tail = (1 - level) / 2
-    return medians[int(tail * samples)], medians[int((1 - tail) * samples) - 1]
 
 
 KERNEL_GROUPS = {
@@ -179,9 +141,7 @@ def main():
         engines["TorchTitan Qwen3, torch nn.Linear"] = (
             ARCH + "TorchLinear", variant(compile_ours, False))
 
-    prompts = [{"prompt_token_ids": [(31 * i + 7 * j) % 5000 + 10
-                                     for j in range(args.input_len)]}
-               for i in range(args.num_prompts)]
+    prompts = token_prompts(args.num_prompts, args.input_len)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0,
                             ignore_eos=True, detokenize=False)
     llms, startup = {}, {}
@@ -191,48 +151,32 @@ def main():
                 ModelRegistry.register_model(arch, factory)
             model_dir = Path(tmp) / str(index)
             write_config(model_dir, arch, SIZES[args.size], args.dtype)
-            profile_dir = (args.profile_dir / str(index)
-                           if args.profile_dir else None)
-            llms[name], startup[name] = start_engine(model_dir, args,
-                                                     profile_dir)
+            profiler_config = None
+            if args.profile_dir is not None:
+                profiler_config = {
+                    "profiler": "torch",
+                    "torch_profiler_dir": str(args.profile_dir / str(index)),
+                    "torch_profiler_with_stack": False}
+            llms[name], startup[name] = start_engine(
+                model_dir, dtype=args.dtype,
+                max_model_len=args.input_len + args.output_len + 16,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                enforce_eager=args.enforce_eager,
+                profiler_config=profiler_config)
             print(f"{name}: started in {startup[name]:.1f} s", flush=True)
 
-    rates = {name: [] for name in llms}
-    names = list(llms)
-    for round_index in range(args.warmup_rounds + args.rounds):
-        warmup = round_index < args.warmup_rounds
-        order = names if round_index % 2 == 0 else names[::-1]
-        measured = {name: tokens_per_second(llms[name], prompts, params)
-                    for name in order}
-        if not warmup:
-            for name in names:
-                rates[name].append(measured[name])
-        label = ("warm-up" if warmup else
-                 f"round {round_index - args.warmup_rounds + 1}")
-        print(f"{label}: " + ", ".join(f"{name} {measured[name]:.1f}"
-                                       for name in names), flush=True)
-
+    rates = run_rounds(llms, prompts, params, args.rounds,
+                       args.warmup_rounds)
     print(f"\n{args.size}: {args.num_prompts} prompts x {args.input_len} in "
           f"/ {args.output_len} out, {args.dtype}, eager="
           f"{args.enforce_eager}, generic model compiled={compile_ours}, "
           f"{args.rounds} interleaved rounds after {args.warmup_rounds} "
           "warm-up rounds")
-    print(f"{'engine':36s} {'start s':>8s} {'median tok/s':>13s} "
-          f"{'min':>9s} {'max':>9s}   vs native per round: median "
-          "[95% CI] (min..max)")
-    for name in names:
-        ratios = [ours / native
-                  for ours, native in zip(rates[name], rates[NATIVE])]
-        low, high = median_interval(ratios)
-        print(f"{name:36s} {startup[name]:8.1f} "
-              f"{statistics.median(rates[name]):13.1f} "
-              f"{min(rates[name]):9.1f} {max(rates[name]):9.1f}   "
-              f"{statistics.median(ratios):.3f} [{low:.3f}, {high:.3f}] "
-              f"({min(ratios):.3f}..{max(ratios):.3f})")
+    print_summary(rates, startup, baseline=NATIVE)
 
     if args.profile_dir:
         profile_prompts = prompts[:args.profile_prompts]
-        for index, name in enumerate(names):
+        for index, name in enumerate(llms):
             llms[name].start_profile()
             llms[name].generate(profile_prompts, params, use_tqdm=False)
             llms[name].stop_profile()

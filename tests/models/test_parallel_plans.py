@@ -129,6 +129,67 @@ def test_pp2_factory_that_builds_its_own_stage(checkpoint, tp1, reference):
     assert [rank["layers"] for rank in result[2]] == [[0, 1], [2, 3]]
 
 
+def _llama_layout(model):
+    """Runs in each worker: what this rank of the plain Llama holds."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+    inner = model.model
+    layers = inner.model.layers
+    present = [i for i, layer in enumerate(layers)
+               if not isinstance(layer, PPMissingLayer)]
+    head = inner.lm_head
+    return {
+        "layers": present,
+        "q_proj": tuple(layers[present[0]].self_attn.q_proj.weight.shape),
+        "embedding": type(inner.model.embed_tokens).__name__,
+        "head": type(head).__name__,
+        "head_shape": (tuple(head.weight.shape)
+                       if hasattr(head, "weight") else None),
+    }
+
+
+def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
+    """The example's plain Llama (Hugging Face names, a `_pp_plan` entry that
+    is the nn.ModuleList itself, lm_head tied to the embedding and stored
+    only as the embedding) at TP=2 x PP=2, four workers: logits equal the
+    module's own, and the last stage's head shares a vocabulary shard
+    loaded from the embedding's checkpoint tensor."""
+    sys.path.insert(0, str(REPO / "examples/offline_inference/parallel_plans"))
+    from plain_llama import (ARCH as LLAMA, LlamaConfig, LlamaForCausalLM,
+                             build_plain_llama, save_checkpoint)
+
+    from vllm import ModelRegistry
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # decisive logits
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.08)
+    save_checkpoint(model, tmp_path)
+    ModelRegistry.register_model(LLAMA, build_plain_llama)
+    llm = make_llm(tmp_path, LLAMA, tensor_parallel_size=2,
+                   pipeline_parallel_size=2, max_logprobs=512,
+                   logprobs_mode="raw_logits")
+    try:
+        logits, tokens = logits_and_tokens(llm, PROMPTS, 512)
+        layout = llm.apply_model(_llama_layout)
+    finally:
+        shutdown_llm(llm)
+    reference = training_forward(model, PROMPTS)
+    for ours, ref in zip(logits, reference):
+        assert _max_diff(ours, ref[:-1]) < 1e-4
+    assert tokens == [greedy_recompute(model, p) for p in PROMPTS]
+    # ranks: (PP 0, TP 0), (PP 0, TP 1), (PP 1, TP 0), (PP 1, TP 1)
+    assert [rank["layers"] for rank in layout] == [[0, 1]] * 2 + [[2, 3]] * 2
+    assert all(rank["q_proj"] == (128, 128) for rank in layout)
+    assert [rank["embedding"] for rank in layout] == (
+        ["VocabParallelEmbedding"] * 2 + ["PPMissingLayer"] * 2)
+    assert [rank["head"] for rank in layout] == (
+        ["PPMissingLayer"] * 2 + ["VocabParallelTiedHead"] * 2)
+    assert layout[-1]["head_shape"] == (256, 128)  # half the vocabulary
+
+
 def test_wrong_style_is_refused(checkpoint, capfd):
     """`colwise` where `rowwise` belongs: the validator reports it, and an
     engine at TP=2 refuses the plan before running anything."""
@@ -200,21 +261,31 @@ def test_validator_reports_what_matched_and_what_is_wrong(capsys):
     assert "needs exactly one module that is or holds the nn.ModuleList" in out
 
 
-def test_tied_lm_head_in_the_plan_is_an_error(capsys):
-    """An LM head tied to the embedding cannot be sharded as a layer of its
-    own; left out of the plan, the tied pair is fine."""
+def test_tied_lm_head_shares_the_embedding_shard(capsys):
+    """An LM head tied to an embedding the plan splits by vocabulary shares
+    its shard; a tie the plan would cut into separate weights is an
+    error."""
     model = ForgatherStyleModel()
     model.model.output_decoder.weight = (
         model.model.input_encoder.embedding.weight)
-    assert not validate_vllm_plans(model)
+    assert validate_vllm_plans(model)
     out = capsys.readouterr().out
-    assert ("model.input_encoder.embedding shares its weight with "
-            "model.output_decoder (tied), and the plan shards it "
-            "('rowwise')") in out
-    untied_plan = {pattern: style for pattern, style in TP_PLAN.items()
-                   if pattern not in ("model.input_encoder.embedding",
-                                      "model.output_decoder")}
-    assert validate_vllm_plans(model, tp_plan=untied_plan)
+    assert ("model.output_decoder is tied to model.input_encoder.embedding: "
+            "it computes the logits of the embedding's vocabulary shard") in out
+    # left out of the plan, the head still follows its embedding
+    plan = {pattern: style for pattern, style in TP_PLAN.items()
+            if pattern != "model.output_decoder"}
+    assert validate_vllm_plans(model, tp_plan=plan)
+    assert "no pattern covers" not in capsys.readouterr().out
+
+    # the embedding whole, the head split: the tie would be cut
+    plan = dict(TP_PLAN, **{"model.input_encoder.embedding": "replicate"})
+    assert not validate_vllm_plans(model, tp_plan=plan)
+    out = capsys.readouterr().out
+    assert ("model.output_decoder shares its weight with "
+            "model.input_encoder.embedding (tied), and the plan shards it "
+            "('colwise_rep')") in out
+    assert "Split the embedding by vocabulary ('rowwise')" in out
 
 
 def test_print_model_structure(capsys):

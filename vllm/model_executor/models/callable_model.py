@@ -112,6 +112,7 @@ class CallableModelWrapper(nn.Module):
         _check_model(self.model_arch, factory_name, model)
         self.tp_plan_applied = False
         self.pipeline_stage = None
+        self.stage_aliases: dict[str, str] = {}
         self._apply_parallel_plans(model, parallel_context, vllm_config)
         bind_trainable_attention(model, vllm_config.cache_config,
                                  prefix=f"{prefix}.model" if prefix else
@@ -137,7 +138,8 @@ class CallableModelWrapper(nn.Module):
         """Shard the module from its `_tp_plan` and place its pipeline stage
         from its `_pp_plan` (see parallel_plan.py)."""
         from vllm.model_executor.models.parallel_plan import (
-            PipelineStage, get_plan, shard_by_tp_plan)
+            PipelineStage, get_plan, shard_by_tp_plan, stage_aliases,
+            tied_parameter_names)
         tp_plan = get_plan(model, "tp")
         if tp_plan and parallel_context.tp_size > 1:
             shard_by_tp_plan(model, tp_plan, parallel_context,
@@ -147,9 +149,11 @@ class CallableModelWrapper(nn.Module):
             return
         pp_plan = get_plan(model, "pp")
         if pp_plan:
+            tied_names = tied_parameter_names(model)
             self.pipeline_stage = PipelineStage(
                 model, pp_plan, parallel_context,
                 vllm_config.model_config.get_hidden_size(), self.model_arch)
+            self.stage_aliases = stage_aliases(model, tied_names)
         elif not hasattr(model, "make_empty_intermediate_tensors"):
             raise ModelFactoryError(
                 f"{type(model).__name__} (model '{self.model_arch}') cannot "
@@ -217,6 +221,9 @@ class CallableModelWrapper(nn.Module):
             if loaded is None:  # the module loaded everything it has
                 loaded = {name for name, _ in self.model.named_parameters()}
         else:
+            if self.stage_aliases:  # tied weights this stage holds once
+                weights = ((self.stage_aliases.get(name, name), tensor)
+                           for name, tensor in weights)
             loaded = load_weights_by_name(self.model, weights,
                                           model_name=self.model_arch,
                                           parallel_context=self.parallel_context)

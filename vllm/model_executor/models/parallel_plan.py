@@ -14,24 +14,33 @@ TP plan keys are module names in which `*` stands for one name component
 layer of its style, through the same `replace_linear_class` that vLLM's
 Transformers modeling backend applies `base_model_tp_plan` with; a matched
 `nn.Embedding` becomes a `VocabParallelEmbedding`. Unmatched layers stay
-whole on every rank.
+whole on every rank, except an LM head tied to a vocabulary-split
+embedding: it computes the logits of the embedding's shard of the
+vocabulary and gathers them (`VocabParallelTiedHead`), as vLLM's
+`ParallelLMHead.tie_weights` does.
 
 PP plan keys are the modules a forward pass runs, in order, with the names
 of their inputs and outputs. Exactly one of them holds the layer stack (an
-`nn.ModuleList`, or a module with one): vLLM's layer-partition rule
-(`get_pp_indices`, `VLLM_PP_LAYER_PARTITION`) gives each stage a
-contiguous run of its layers, the modules before it run on the first stage
-and those after it on the last (so do the layer-stack module's other
-children, by their registration order: a final norm registered after the
-layers runs on the last stage). Layers are never split inside, so
-`_no_split_modules` holds whole; a plan that would split one is refused. Everything a stage does not run becomes a
-`PPMissingLayer`, so each stage holds and loads only its own weights.
+`nn.ModuleList`, or a module with one; a list runs its layers in turn, each
+taking the entry's inputs with the previous layer's output as the first):
+vLLM's layer-partition rule (`get_pp_indices`, `VLLM_PP_LAYER_PARTITION`)
+gives each stage a contiguous run of its layers, the modules before it run
+on the first stage and those after it on the last (so do the layer-stack
+module's other children, by their registration order: a final norm
+registered after the layers runs on the last stage). Layers are never split
+inside, so `_no_split_modules` holds whole; a plan that would split one is
+refused. Everything a stage does not run becomes a `PPMissingLayer`, so
+each stage holds and loads only its own weights; a weight tied across
+stages (embedding and LM head) is loaded on each stage under whichever of
+its names the checkpoint has (`stage_aliases`).
 """
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from vllm.model_executor.layers.trainable_attention import (
@@ -115,10 +124,14 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
             f"TP={tp_size}:\n" + "\n".join(f"  - {p}" for p in problems) +
             "\nCheck it with validate_vllm_plans(model) or `python -m "
             "vllm.model_executor.models.plan_validation`.")
+    matches = match_tp_plan(model, tp_plan)
+    tied_heads = tied_vocab_heads(model, matches)
     replaced = 0
     sharded_parents = set()
-    for name, (_, style) in match_tp_plan(model, tp_plan).items():
+    for name, (_, style) in matches.items():
         module = model.get_submodule(name)
+        if name in tied_heads:
+            continue  # replaced below, once its embedding is
         if isinstance(module, nn.Linear) and style != "replicate":
             new = replace_linear_class(module, LINEAR_STYLES[style],
                                        prefix=name)
@@ -135,12 +148,53 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
             continue
         _set_submodule(model, name, new)
         replaced += 1
+    for head_name, embedding_name in tied_heads.items():
+        vocab_size = model.get_submodule(head_name).out_features
+        _set_submodule(model, head_name, VocabParallelTiedHead(
+            model.get_submodule(embedding_name), vocab_size))
+        replaced += 1
     for name, module in model.named_modules():
         if (isinstance(module, TrainableFlashAttention)
                 and name.rpartition(".")[0] in sharded_parents):
             module.num_heads //= tp_size
             module.num_kv_heads //= tp_size
     return replaced
+
+
+class VocabParallelTiedHead(nn.Module):
+    """An LM head that shares a `VocabParallelEmbedding`'s weight: each rank
+    computes the logits of its shard of the vocabulary, and the shards are
+    gathered (the vocabulary's padding cut off)."""
+
+    def __init__(self, embedding: nn.Module, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = embedding.weight  # the same parameter, loaded once
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from vllm.distributed import tensor_model_parallel_all_gather
+        logits = nn.functional.linear(hidden_states, self.weight)
+        return tensor_model_parallel_all_gather(logits)[...,
+                                                        :self.vocab_size]
+
+
+def tied_vocab_heads(model: nn.Module, matches: dict) -> dict[str, str]:
+    """{LM head name: embedding name} for bias-free `nn.Linear` heads that
+    share the weight of an embedding the plan splits by vocabulary, where
+    the plan gathers the head's output (`colwise_rep`) or leaves it out."""
+    embeddings = {
+        id(module.weight): name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding)
+        and matches.get(name, (None, None))[1] in EMBEDDING_STYLES
+    }
+    return {
+        name: embeddings[id(module.weight)]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.bias is None
+        and id(module.weight) in embeddings
+        and matches.get(name, (None, "colwise_rep"))[1] == "colwise_rep"
+    }
 
 
 def plan_style_problems(model: nn.Module,
@@ -198,12 +252,14 @@ def plan_style_problems(model: nn.Module,
 
 def _tied_weight_problems(model: nn.Module, matches: dict) -> list[str]:
     """Sharding replaces a layer and its weight, so a weight that several
-    layers share (an LM head tied to the embedding) would become separate
-    tensors, one of them never loaded."""
+    layers share would become separate tensors, one of them never loaded;
+    except an LM head tied to a vocabulary-split embedding
+    (`tied_vocab_heads`), which shares the embedding's shard."""
+    tied_heads = tied_vocab_heads(model, matches)
     sharers: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = module._parameters.get("weight")
-        if weight is not None:
+        if weight is not None and name not in tied_heads:
             sharers.setdefault(id(weight), []).append(name)
     problems = []
     for names in sharers.values():
@@ -216,9 +272,10 @@ def _tied_weight_problems(model: nn.Module, matches: dict) -> list[str]:
                             if n != sharded[0]) +
                 f" (tied), and the plan shards it "
                 f"('{matches[sharded[0]][1]}'): the sharded layers would get "
-                "weights of their own. Leave the tied layers out of the plan "
-                "(they then run whole on every rank), or untie them in the "
-                "factory when the checkpoint holds both tensors")
+                "weights of their own. Split the embedding by vocabulary "
+                "('rowwise') and give the LM head 'colwise_rep' or no entry "
+                "(it then shares the embedding's shard), or leave both out "
+                "of the plan (they run whole on every rank)")
     return problems
 
 
@@ -233,11 +290,12 @@ def tp_size_problems(model: nn.Module, tp_plan: dict[str, str],
     """Sizes the plan splits that the given TP sizes do not divide."""
     problems = []
     matches = match_tp_plan(model, tp_plan)
+    tied_heads = tied_vocab_heads(model, matches)
     split_sizes = []  # (what, size)
     sharded_parents = set()
     for name, (_, style) in matches.items():
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or name in tied_heads:
             continue  # vocab-parallel embeddings pad the vocabulary
         if style in ("colwise", "colwise_rep"):
             split_sizes.append(
@@ -382,6 +440,9 @@ class PipelineStage:
             if (index < stack_index and not first) or (index > stack_index
                                                        and not last):
                 _set_submodule(model, step.name, PPMissingLayer())
+            elif holder is layers and index == stack_index:
+                self.steps.append((step, functools.partial(
+                    _run_layers, list(layers[start:end]))))
             elif not (last and "logits" in step.outputs):
                 # logits are vLLM's compute_logits step, not forward's
                 self.steps.append((step, model.get_submodule(step.name)))
@@ -407,6 +468,38 @@ class PipelineStage:
             return IntermediateTensors(
                 {name: values[name] for name in self.boundary})
         return values[self.steps[-1][0].outputs[0]]
+
+
+def _run_layers(layers: list[nn.Module], hidden_states, *inputs):
+    """A plan entry that is the `nn.ModuleList` itself: its layers in turn,
+    each on the previous one's output and the entry's other inputs."""
+    for layer in layers:
+        out = layer(hidden_states, *inputs)
+        hidden_states = out[0] if isinstance(out, tuple) else out
+    return hidden_states
+
+
+def tied_parameter_names(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that several modules share."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def stage_aliases(model: nn.Module,
+                  tied_names: list[list[str]]) -> dict[str, str]:
+    """{name: name on this stage} for tied parameters whose other names the
+    pipeline stage dropped: a checkpoint that stores an LM head tied to the
+    embedding only as the embedding still fills the last stage's head."""
+    here = dict(model.named_parameters(remove_duplicate=False))
+    aliases = {}
+    for group in tied_names:
+        present = [name for name in group if name in here]
+        if present:
+            aliases.update({name: present[0] for name in group
+                            if name not in here})
+    return aliases
 
 
 def failing_module(model: nn.Module, error: BaseException) -> str | None:

@@ -24,8 +24,8 @@ from pathlib import Path
 from torch import nn
 
 from vllm.model_executor.models.parallel_plan import (
-    generic_name, get_plan, match_tp_plan, plan_style_problems, pp_plan_problems,
-    tp_size_problems)
+    generic_name, get_plan, match_tp_plan, plan_style_problems,
+    pp_plan_problems, tied_vocab_heads, tp_size_problems)
 
 TP_SIZES = (2, 4, 8)
 
@@ -72,6 +72,11 @@ def validate_vllm_plans(model: nn.Module, tp_plan: dict | None = None,
             print(f"  '{pattern}' -> {style}: {len(names)} module(s) "
                   f"({', '.join(f'{c} {t}' for t, c in kind.items())}), "
                   f"{params} parameter(s); e.g. {names[0]}", file=file)
+        tied_heads = tied_vocab_heads(model, matches)
+        for head, embedding in tied_heads.items():
+            print(f"  {head} is tied to {embedding}: it computes the logits "
+                  "of the embedding's vocabulary shard and gathers them",
+                  file=file)
         for problem in plan_style_problems(model, tp_plan):
             report(*problem.split(": ", 1))
         for problem in tp_size_problems(model, tp_plan, list(TP_SIZES)):
@@ -79,7 +84,7 @@ def validate_vllm_plans(model: nn.Module, tp_plan: dict | None = None,
         uncovered = [
             name for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, nn.Embedding))
-            and name not in matches
+            and name not in matches and name not in tied_heads
         ]
         if uncovered:
             report("warning", f"{len(uncovered)} linear/embedding layer(s) "
