@@ -32,8 +32,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/parallel_plans"))
 
-from interleaved_rounds import (print_summary, ratio_text,  # noqa: E402
-                                run_rounds, start_engine, token_prompts)
+from interleaved_rounds import (parse_args, print_summary,  # noqa: E402
+                                ratio_text, run_rounds, start_engine,
+                                token_prompts)
 from plain_llama import ARCH, LlamaConfig, build_plain_llama  # noqa: E402
 
 SIZES = {
@@ -66,23 +67,10 @@ def main():
     parser.add_argument("--untied", action="store_true",
                         help="a separate lm_head (colwise_rep) instead of "
                         "one tied to the embedding")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--warmup-rounds", type=int, default=2,
-                        help="rounds run first and discarded")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
-                        help="per engine (default 0.25 on CUDA, else 0.1)")
-    parser.add_argument("--enforce-eager", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser)
     import torch
-    on_gpu = torch.cuda.is_available()
-    if args.gpu_memory_utilization is None:
-        args.gpu_memory_utilization = 0.25 if on_gpu else 0.1
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
-    if not on_gpu and tp * pp > 1:
+    if not torch.cuda.is_available() and tp * pp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
             str(rank % (os.cpu_count() or 1)) for rank in range(tp * pp)))
     config = SIZES[args.size]

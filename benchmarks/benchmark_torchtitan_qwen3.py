@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/torchtitan_qwen3"))
 
-from interleaved_rounds import (print_summary, run_rounds,  # noqa: E402
-                                start_engine, token_prompts)
+from interleaved_rounds import (parse_args, print_summary,  # noqa: E402
+                                run_rounds, start_engine, token_prompts)
 from model import ARCH, Qwen3Config, build_qwen3  # noqa: E402
 
 SIZES = {
@@ -109,26 +109,12 @@ def _seconds(text: str) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="small")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--warmup-rounds", type=int, default=2,
-                        help="rounds run first and discarded")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
-                        help="per engine (default 0.25 on CUDA, else 0.1)")
-    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--ours-no-compile", action="store_true")
     parser.add_argument("--ours-torch-linear", action="store_true")
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="profile one generate() per engine into DIR")
     parser.add_argument("--profile-prompts", type=int, default=64)
-    args = parser.parse_args()
-    if args.gpu_memory_utilization is None:
-        import torch
-        args.gpu_memory_utilization = (0.25 if torch.cuda.is_available()
-                                       else 0.1)
+    args = parse_args(parser)
 
     from vllm import ModelRegistry, SamplingParams
     compile_ours = not args.ours_no_compile

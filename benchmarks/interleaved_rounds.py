@@ -11,9 +11,31 @@ minimum and maximum and a 95% bootstrap confidence interval of that
 median: the interval says whether the run resolves a 5% difference.
 """
 
+import argparse
 import random
 import statistics
 import time
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Adds the options every side-by-side run takes to `parser` and parses
+    the command line."""
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup-rounds", type=int, default=2,
+                        help="rounds run first and discarded")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="per engine (default 0.25 on CUDA, else 0.1)")
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+    if args.gpu_memory_utilization is None:
+        import torch
+        args.gpu_memory_utilization = (0.25 if torch.cuda.is_available()
+                                       else 0.1)
+    return args
 
 
 def start_engine(model_dir, *, dtype: str, max_model_len: int,
