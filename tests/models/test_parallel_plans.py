@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Tensor and pipeline parallelism from a plain module's `_tp_plan` and
-`_pp_plan` (a Forgather-style decoder of plain `nn.Linear` layers), and
-the tools that validate a plan."""
+`_pp_plan` (a Forgather-style decoder of plain `nn.Linear` layers, and the
+example's plain Llama), and the tools that validate a plan."""
 
 import subprocess
 import sys
@@ -16,6 +16,8 @@ from tests.conftest import (MAX_TOKENS, PROMPTS, REPO, greedy_recompute,
 from tests.models.forgather_style import (ARCH, TP_PLAN, ForgatherStyleModel,
                                           build_forgather_style, with_plan,
                                           write_checkpoint)
+from tests.models.packed_llama import (LlamaConfig, build_packed_llama,
+                                       packed_llama, save_checkpoint)
 from vllm.model_executor.models.plan_validation import (
     print_model_structure, validate_vllm_plans)
 
@@ -140,6 +142,8 @@ def _llama_layout(model):
     return {
         "layers": present,
         "q_proj": tuple(layers[present[0]].self_attn.q_proj.weight.shape),
+        "gate_up_proj": tuple(
+            layers[present[0]].mlp.gate_up_proj.weight.shape),
         "embedding": type(inner.model.embed_tokens).__name__,
         "head": type(head).__name__,
         "head_shape": (tuple(head.weight.shape)
@@ -148,27 +152,23 @@ def _llama_layout(model):
 
 
 def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
-    """The example's plain Llama (Hugging Face names, a `_pp_plan` entry that
-    is the nn.ModuleList itself, lm_head tied to the embedding and stored
-    only as the embedding) at TP=2 x PP=2, four workers: logits equal the
-    module's own, and the last stage's head shares a vocabulary shard
-    loaded from the embedding's checkpoint tensor."""
-    sys.path.insert(0, str(REPO / "examples/offline_inference/parallel_plans"))
-    from plain_llama import (ARCH as LLAMA, LlamaConfig, LlamaForCausalLM,
-                             build_plain_llama, save_checkpoint)
-
+    """The example's plain Llama (Hugging Face names and transformers 5's
+    style names, a `_pp_plan` entry that is the nn.ModuleList itself, gate
+    and up packed into one `packed_colwise` projection, lm_head tied to the
+    embedding and stored only as the embedding) at TP=2 x PP=2, four
+    workers, compiled: logits equal the module's own, and the last stage's
+    head shares a vocabulary shard loaded from the embedding's tensor."""
     from vllm import ModelRegistry
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
+    model = packed_llama(LlamaConfig(hidden_size=128, intermediate_size=256,
+                                     tie_word_embeddings=True))
     with torch.no_grad():  # decisive logits
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.08)
     save_checkpoint(model, tmp_path)
-    ModelRegistry.register_model(LLAMA, build_plain_llama)
-    llm = make_llm(tmp_path, LLAMA, tensor_parallel_size=2,
+    ModelRegistry.register_model("PlainLlamaForCausalLM", build_packed_llama)
+    llm = make_llm(tmp_path, "PlainLlamaForCausalLM", tensor_parallel_size=2,
                    pipeline_parallel_size=2, max_logprobs=512,
                    logprobs_mode="raw_logits")
     try:
@@ -183,6 +183,8 @@ def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
     # ranks: (PP 0, TP 0), (PP 0, TP 1), (PP 1, TP 0), (PP 1, TP 1)
     assert [rank["layers"] for rank in layout] == [[0, 1]] * 2 + [[2, 3]] * 2
     assert all(rank["q_proj"] == (128, 128) for rank in layout)
+    # half of the gate and half of the up features on each rank
+    assert all(rank["gate_up_proj"] == (256, 128) for rank in layout)
     assert [rank["embedding"] for rank in layout] == (
         ["VocabParallelEmbedding"] * 2 + ["PPMissingLayer"] * 2)
     assert [rank["head"] for rank in layout] == (
@@ -286,6 +288,32 @@ def test_tied_lm_head_shares_the_embedding_shard(capsys):
             "model.input_encoder.embedding (tied), and the plan shards it "
             "('colwise_rep')") in out
     assert "Split the embedding by vocabulary ('rowwise')" in out
+
+
+def test_transformers_5_style_names(capsys):
+    """transformers 5's names (`colwise_gather_output`, `packed_colwise`,
+    styles that keep a module whole) are taken; a packed projection must
+    split in two halves; an unknown style lists those that exist."""
+    model = packed_llama(LlamaConfig(vocab_size=511))
+    plan = dict(model._tp_plan, **{
+        "model.norm": "sequence_parallel",
+        "model.layers.*.input_layernorm": "replicated_with_grad_allreduce"})
+    plan["model.embed_tokens"] = "embedding_rowwise"
+    assert validate_vllm_plans(model, tp_plan=plan)
+    out = capsys.readouterr().out
+    assert "'model.layers.*.mlp.gate_up_proj' -> packed_colwise: 4 module(s)" \
+        in out
+    assert "lm_head is tied" not in out and "valid: 0 error(s)" in out
+
+    plan.update({"lm_head": "packed_colwise",
+                 "model.layers.*.self_attn.o_proj": "local_rowwise"})
+    assert not validate_vllm_plans(model, tp_plan=plan)
+    out = capsys.readouterr().out
+    assert ("lm_head is 'packed_colwise' but its 511 output features do not "
+            "split into two packed halves") in out
+    assert ("model.layers.*.self_attn.o_proj (nn.Linear): unknown style "
+            "'local_rowwise'; linear layers take colwise, rowwise, "
+            "colwise_rep, colwise_gather_output") in out
 
 
 def test_print_model_structure(capsys):

@@ -160,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
         "model.layers.*.mlp.gate_proj": "colwise",
         "model.layers.*.mlp.up_proj": "colwise",
         "model.layers.*.mlp.down_proj": "rowwise",
-        "lm_head": "colwise_rep",
+        "lm_head": "colwise_gather_output",  # transformers 5's colwise_rep
     }
     # What forward runs, in order, with the names of inputs and outputs.
     # vLLM gives each stage a run of whole layers; the embedding runs on

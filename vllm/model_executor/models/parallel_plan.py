@@ -47,16 +47,26 @@ from vllm.model_executor.layers.trainable_attention import (
     TrainableFlashAttention)
 from vllm.model_executor.parallel_context import ParallelContext
 
-# Hugging Face's plan styles -> vLLM's (`replace_linear_class`).
+# Hugging Face's plan styles for nn.Linear -> vLLM's (`replace_linear_class`).
+# transformers 5 renamed colwise_rep and rowwise_rep; both names are taken.
 LINEAR_STYLES = {
     "colwise": "colwise",  # output features split, output stays sharded
     "rowwise": "rowwise",  # input features split, output all-reduced
     "colwise_rep": "colwise_gather_output",  # output gathered on every rank
+    "colwise_gather_output": "colwise_gather_output",
     "rowwise_rep": "rowwise_split_input",  # full input, split on each rank
-    "replicate": "replicate",
+    "rowwise_split_input": "rowwise_split_input",
 }
+GATHERED_STYLES = ("colwise_rep", "colwise_gather_output")
+# A fused [gate; up] projection: each half split by output features, as
+# vLLM's MergedColumnParallelLinear does.
+PACKED_COLWISE = "packed_colwise"
 # Split by vocabulary (the embedding's rows).
 EMBEDDING_STYLES = ("rowwise", "embedding_rowwise", "vocab")
+# Whole on every rank. Sequence parallelism splits activations, not
+# weights: in inference its modules simply run whole.
+REPLICATED_STYLES = ("replicate", "replicated_with_grad_allreduce",
+                     "sequence_parallel")
 # Inputs vLLM provides to a pipeline plan's first module; any other name
 # a module asks for that no earlier module produced (an attention mask)
 # is passed as None: vLLM tracks the sequences itself.
@@ -108,6 +118,7 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
     the local head count of the `TrainableFlashAttention` modules beside
     column-sharded projections. Returns how many layers were replaced."""
     # imported here: vLLM's parallel layers import the model registry
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
     from vllm.model_executor.layers.plain_linear import PlainLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         VocabParallelEmbedding)
@@ -130,11 +141,17 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
     sharded_parents = set()
     for name, (_, style) in matches.items():
         module = model.get_submodule(name)
-        if name in tied_heads:
-            continue  # replaced below, once its embedding is
-        if isinstance(module, nn.Linear) and style != "replicate":
-            new = replace_linear_class(module, LINEAR_STYLES[style],
-                                       prefix=name)
+        if name in tied_heads or style in REPLICATED_STYLES:
+            continue  # a tied head is replaced below, once its embedding is
+        if isinstance(module, nn.Linear):
+            if style == PACKED_COLWISE:
+                new = MergedColumnParallelLinear(
+                    module.in_features, [module.out_features // 2] * 2,
+                    bias=module.bias is not None, return_bias=False,
+                    prefix=name)
+            else:
+                new = replace_linear_class(module, LINEAR_STYLES[style],
+                                           prefix=name)
             # keeps the weight after prepacking, for trainer weight updates
             new.quant_method = PlainLinearMethod()
             if style == "colwise":
@@ -193,7 +210,7 @@ def tied_vocab_heads(model: nn.Module, matches: dict) -> dict[str, str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and module.bias is None
         and id(module.weight) in embeddings
-        and matches.get(name, (None, "colwise_rep"))[1] == "colwise_rep"
+        and matches.get(name, (None, "colwise_rep"))[1] in GATHERED_STYLES
     }
 
 
@@ -205,19 +222,27 @@ def plan_style_problems(model: nn.Module,
     matches = match_tp_plan(model, tp_plan)
     for name, (_, style) in matches.items():
         module = model.get_submodule(name)
+        if style in REPLICATED_STYLES:
+            continue
         if isinstance(module, nn.Linear):
-            if style not in LINEAR_STYLES:
+            styles = [*LINEAR_STYLES, PACKED_COLWISE, *REPLICATED_STYLES]
+            if style not in styles:
                 problems.append(
                     f"error: {generic_name(name)} (nn.Linear): unknown "
                     f"style '{style}'; linear layers take "
-                    f"{', '.join(LINEAR_STYLES)}")
+                    f"{', '.join(styles)}")
+            elif style == PACKED_COLWISE and module.out_features % 2:
+                problems.append(
+                    f"error: {generic_name(name)} is '{PACKED_COLWISE}' but "
+                    f"its {module.out_features} output features do not "
+                    "split into two packed halves")
         elif isinstance(module, nn.Embedding):
-            if style not in EMBEDDING_STYLES + ("replicate", ):
+            if style not in EMBEDDING_STYLES:
                 problems.append(
                     f"error: {generic_name(name)} (nn.Embedding): style "
                     f"'{style}' does not fit an embedding; use 'rowwise' "
                     "(split by vocabulary) or 'replicate'")
-        elif style != "replicate":
+        else:
             problems.append(
                 f"error: {generic_name(name)} ({type(module).__name__}): "
                 f"style '{style}' fits nn.Linear and nn.Embedding only; "
@@ -263,8 +288,8 @@ def _tied_weight_problems(model: nn.Module, matches: dict) -> list[str]:
             sharers.setdefault(id(weight), []).append(name)
     problems = []
     for names in sharers.values():
-        sharded = [name for name in names
-                   if matches.get(name, (None, "replicate"))[1] != "replicate"]
+        sharded = [name for name in names if matches.get(
+            name, (None, "replicate"))[1] not in REPLICATED_STYLES]
         if len(names) > 1 and sharded:
             problems.append(
                 f"error: {generic_name(sharded[0])} shares its weight with "
@@ -297,12 +322,15 @@ def tp_size_problems(model: nn.Module, tp_plan: dict[str, str],
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear) or name in tied_heads:
             continue  # vocab-parallel embeddings pad the vocabulary
-        if style in ("colwise", "colwise_rep"):
+        if style in ("colwise", *GATHERED_STYLES):
             split_sizes.append(
                 (f"{generic_name(name)} out_features", module.out_features))
             if style == "colwise":
                 sharded_parents.add(name.rpartition(".")[0])
-        elif style in ("rowwise", "rowwise_rep"):
+        elif style == PACKED_COLWISE:
+            split_sizes.append((f"{generic_name(name)} out_features / 2",
+                                module.out_features // 2))
+        elif style in ("rowwise", "rowwise_rep", "rowwise_split_input"):
             split_sizes.append(
                 (f"{generic_name(name)} in_features", module.in_features))
     for name, module in model.named_modules():
