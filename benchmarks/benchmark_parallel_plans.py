@@ -97,11 +97,7 @@ def main():
             model_dir = Path(tmp) / str(index)
             write_config(model_dir, arch, config, args.dtype)
             llms[name], startup[name] = start_engine(
-                model_dir, dtype=args.dtype,
-                max_model_len=args.input_len + args.output_len + 16,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager,
-                tensor_parallel_size=engine_tp,
+                model_dir, args, tensor_parallel_size=engine_tp,
                 pipeline_parallel_size=engine_pp)
             print(f"{name}: started in {startup[name]:.1f} s", flush=True)
 

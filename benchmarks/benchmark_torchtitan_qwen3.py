@@ -144,11 +144,7 @@ def main():
                     "torch_profiler_dir": str(args.profile_dir / str(index)),
                     "torch_profiler_with_stack": False}
             llms[name], startup[name] = start_engine(
-                model_dir, dtype=args.dtype,
-                max_model_len=args.input_len + args.output_len + 16,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager,
-                profiler_config=profiler_config)
+                model_dir, args, profiler_config=profiler_config)
             print(f"{name}: started in {startup[name]:.1f} s", flush=True)
 
     rates = run_rounds(llms, prompts, params, args.rounds,

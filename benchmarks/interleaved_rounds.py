@@ -38,18 +38,17 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def start_engine(model_dir, *, dtype: str, max_model_len: int,
-                 gpu_memory_utilization: float, enforce_eager: bool = False,
-                 **engine_args):
-    """An engine on dummy (random) weights, as for any speed run; returns
-    it and its start-up time in seconds."""
+def start_engine(model_dir, args: argparse.Namespace, **engine_args):
+    """An engine for the run `args` (from `parse_args`) describes, on dummy
+    (random) weights, as for any speed run; returns it and its start-up
+    time in seconds."""
     from vllm import LLM
     start = time.perf_counter()
     llm = LLM(model=str(model_dir), load_format="dummy",
-              skip_tokenizer_init=True, dtype=dtype, seed=0,
-              max_model_len=max_model_len,
-              gpu_memory_utilization=gpu_memory_utilization,
-              enforce_eager=enforce_eager, **engine_args)
+              skip_tokenizer_init=True, dtype=args.dtype, seed=0,
+              max_model_len=args.input_len + args.output_len + 16,
+              gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager, **engine_args)
     return llm, time.perf_counter() - start
 
 
