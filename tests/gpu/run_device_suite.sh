@@ -29,6 +29,13 @@ for step in "$@"; do
       grep -E "^--- run|passed|failed" "$OUT/kernels.log" ;;
     engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_trainable_attention_engine.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
     bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
+    # two GPUs, one device call each: issue 11's bf16 parity at TP=2 and
+    # at PP=2, and its throughput against native Llama at TP=2
+    plans_parity)
+      for sizes in "--tensor-parallel-size 2" "--tensor-parallel-size 1 --pipeline-parallel-size 2"; do
+        timeout 280 python3 examples/offline_inference/parallel_plans/compare_parallel.py $sizes --tie-word-embeddings --native --dtype bfloat16 2>&1 | grep -v "WARNING\|Capturing CUDA\|Loading safetensors"
+      done > "$OUT/plans_parity.log" ;;
+    plans_throughput) timeout 560 python3 benchmarks/benchmark_parallel_plans.py --size 1b --tensor-parallel-size 2 --num-prompts 256 --input-len 128 --output-len 256 --rounds 20 --warmup-rounds 3 --gpu-memory-utilization 0.25 2>&1 | grep -v "Capturing CUDA\|Loading safetensors" > "$OUT/plans_throughput.log" ;;
     # numbered: two commands that start alike must not share a log
     *) timeout 500 bash -c "$step" > "$OUT/$index-$(echo "$step" | tr -c 'a-zA-Z0-9' _ | cut -c1-40).log" 2>&1 ;;
   esac
