@@ -160,7 +160,11 @@ def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
     head shares a vocabulary shard loaded from the embedding's tensor."""
     from vllm import ModelRegistry
     torch.manual_seed(0)
-    model = packed_llama(LlamaConfig(hidden_size=128, intermediate_size=256,
+    # 511 tokens: vLLM pads the vocabulary to 512, and the padding row is
+    # cut from the gathered logits
+    vocab = 511
+    model = packed_llama(LlamaConfig(vocab_size=vocab, hidden_size=128,
+                                     intermediate_size=256,
                                      tie_word_embeddings=True))
     with torch.no_grad():  # decisive logits
         for param in model.parameters():
@@ -169,10 +173,10 @@ def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
     save_checkpoint(model, tmp_path)
     ModelRegistry.register_model("PlainLlamaForCausalLM", build_packed_llama)
     llm = make_llm(tmp_path, "PlainLlamaForCausalLM", tensor_parallel_size=2,
-                   pipeline_parallel_size=2, max_logprobs=512,
+                   pipeline_parallel_size=2, max_logprobs=vocab,
                    logprobs_mode="raw_logits")
     try:
-        logits, tokens = logits_and_tokens(llm, PROMPTS, 512)
+        logits, tokens = logits_and_tokens(llm, PROMPTS, vocab)
         layout = llm.apply_model(_llama_layout)
     finally:
         shutdown_llm(llm)
@@ -189,7 +193,7 @@ def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
         ["VocabParallelEmbedding"] * 2 + ["PPMissingLayer"] * 2)
     assert [rank["head"] for rank in layout] == (
         ["PPMissingLayer"] * 2 + ["VocabParallelTiedHead"] * 2)
-    assert layout[-1]["head_shape"] == (256, 128)  # half the vocabulary
+    assert layout[-1]["head_shape"] == (256, 128)  # half the padded vocab
 
 
 def test_wrong_style_is_refused(checkpoint, capfd):
