@@ -2,7 +2,8 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """The example's plain Llama (examples/offline_inference/parallel_plans)
 with gate and up packed into one projection, as Phi-3 stores them, under
-transformers 5's `packed_colwise` style."""
+transformers 5's `packed_colwise` style, and no plan entry for the
+embedding."""
 
 import sys
 from pathlib import Path
@@ -35,9 +36,11 @@ def packed_llama(config: LlamaConfig) -> LlamaForCausalLM:
     model = LlamaForCausalLM(config)
     for layer in model.model.layers:
         layer.mlp = PackedMLP(config)
+    # no entry for the embedding, as in Hugging Face's Llama plan: a tied
+    # lm_head that the plan gathers splits it by vocabulary
     model._tp_plan = {
         pattern: style for pattern, style in model._tp_plan.items()
-        if not pattern.endswith(("gate_proj", "up_proj"))
+        if not pattern.endswith(("gate_proj", "up_proj", "embed_tokens"))
     } | {"model.layers.*.mlp.gate_up_proj": "packed_colwise"}
     return model
 

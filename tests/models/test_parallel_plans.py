@@ -284,6 +284,13 @@ def test_tied_lm_head_shares_the_embedding_shard(capsys):
     assert validate_vllm_plans(model, tp_plan=plan)
     assert "no pattern covers" not in capsys.readouterr().out
 
+    # no entry for the embedding (Hugging Face's plans): split with the head
+    plan = {pattern: style for pattern, style in TP_PLAN.items()
+            if pattern != "model.input_encoder.embedding"}
+    assert validate_vllm_plans(model, tp_plan=plan)
+    assert ("model.output_decoder is tied to model.input_encoder.embedding"
+            in capsys.readouterr().out)
+
     # the embedding whole, the head split: the tie would be cut
     plan = dict(TP_PLAN, **{"model.input_encoder.embedding": "replicate"})
     assert not validate_vllm_plans(model, tp_plan=plan)

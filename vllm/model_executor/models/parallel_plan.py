@@ -96,7 +96,10 @@ def pattern_regex(pattern: str) -> re.Pattern:
 def match_tp_plan(model: nn.Module,
                   tp_plan: dict[str, str]) -> dict[str, tuple[str, str]]:
     """{module name: (pattern, style)} for every module a pattern matches;
-    the first matching pattern wins."""
+    the first matching pattern wins. An embedding without an entry whose
+    weight an LM head shares, and the plan gathers that head's output (as
+    Hugging Face's plans do for `lm_head`), is split by vocabulary: a tie
+    cannot be half sharded."""
     compiled = [(pattern, pattern_regex(pattern), style)
                 for pattern, style in tp_plan.items()]
     matches = {}
@@ -105,6 +108,14 @@ def match_tp_plan(model: nn.Module,
             if regex.match(name):
                 matches[name] = (pattern, style)
                 break
+    embeddings = {id(module.weight): name
+                  for name, module in model.named_modules()
+                  if isinstance(module, nn.Embedding) and name not in matches}
+    for name, (_, style) in list(matches.items()):
+        module = model.get_submodule(name)
+        tied = embeddings.get(id(getattr(module, "weight", None)))
+        if tied is not None and style in GATHERED_STYLES:
+            matches[tied] = (f"(tied to {name})", "rowwise")
     return matches
 
 
