@@ -19,10 +19,8 @@ unless --enforce-eager.
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -50,13 +48,6 @@ SIZES = {
                          num_key_value_heads=2, head_dim=64,
                          intermediate_size=768, tie_word_embeddings=True),
 }
-
-
-def write_config(path: Path, arch: str, config: LlamaConfig, dtype: str):
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(dict(
-        asdict(config), architectures=[arch], model_type="llama",
-        torch_dtype=dtype)))
 
 
 def main():
@@ -91,15 +82,12 @@ def main():
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0,
                             ignore_eos=True, detokenize=False)
     llms, startup = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, (name, (arch, engine_tp, engine_pp)) in enumerate(
-                engines.items()):
-            model_dir = Path(tmp) / str(index)
-            write_config(model_dir, arch, config, args.dtype)
-            llms[name], startup[name] = start_engine(
-                model_dir, args, tensor_parallel_size=engine_tp,
-                pipeline_parallel_size=engine_pp)
-            print(f"{name}: started in {startup[name]:.1f} s", flush=True)
+    for name, (arch, engine_tp, engine_pp) in engines.items():
+        llms[name], startup[name] = start_engine(
+            name, dict(asdict(config), architectures=[arch],
+                       model_type="llama", torch_dtype=args.dtype),
+            args, tensor_parallel_size=engine_tp,
+            pipeline_parallel_size=engine_pp)
 
     rates = run_rounds(llms, prompts, params, args.rounds,
                        args.warmup_rounds)

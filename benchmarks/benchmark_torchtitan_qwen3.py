@@ -26,10 +26,8 @@ torch.compile (`supports_torch_compile = False`).
 
 import argparse
 import functools
-import json
 import re
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,13 +47,6 @@ SIZES = {
                          intermediate_size=768, max_position_embeddings=2048),
 }
 NATIVE = "native Qwen3ForCausalLM"
-
-
-def write_config(path: Path, arch: str, config: Qwen3Config, dtype: str):
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(dict(
-        asdict(config), architectures=[arch], model_type="qwen3",
-        torch_dtype=dtype)))
 
 
 def variant(supports_torch_compile=True, use_vllm_linear_method=True):
@@ -131,21 +122,19 @@ def main():
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0,
                             ignore_eos=True, detokenize=False)
     llms, startup = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for index, (name, (arch, factory)) in enumerate(engines.items()):
-            if factory is not None:
-                ModelRegistry.register_model(arch, factory)
-            model_dir = Path(tmp) / str(index)
-            write_config(model_dir, arch, SIZES[args.size], args.dtype)
-            profiler_config = None
-            if args.profile_dir is not None:
-                profiler_config = {
-                    "profiler": "torch",
-                    "torch_profiler_dir": str(args.profile_dir / str(index)),
-                    "torch_profiler_with_stack": False}
-            llms[name], startup[name] = start_engine(
-                model_dir, args, profiler_config=profiler_config)
-            print(f"{name}: started in {startup[name]:.1f} s", flush=True)
+    for index, (name, (arch, factory)) in enumerate(engines.items()):
+        if factory is not None:
+            ModelRegistry.register_model(arch, factory)
+        profiler_config = None
+        if args.profile_dir is not None:
+            profiler_config = {
+                "profiler": "torch",
+                "torch_profiler_dir": str(args.profile_dir / str(index)),
+                "torch_profiler_with_stack": False}
+        llms[name], startup[name] = start_engine(
+            name, dict(asdict(SIZES[args.size]), architectures=[arch],
+                       model_type="qwen3", torch_dtype=args.dtype),
+            args, profiler_config=profiler_config)
 
     rates = run_rounds(llms, prompts, params, args.rounds,
                        args.warmup_rounds)

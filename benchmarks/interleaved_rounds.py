@@ -12,9 +12,12 @@ median: the interval says whether the run resolves a 5% difference.
 """
 
 import argparse
+import json
 import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -38,18 +41,24 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def start_engine(model_dir, args: argparse.Namespace, **engine_args):
-    """An engine for the run `args` (from `parse_args`) describes, on dummy
-    (random) weights, as for any speed run; returns it and its start-up
+def start_engine(name: str, config: dict, args: argparse.Namespace,
+                 **engine_args):
+    """An engine for the run `args` (from `parse_args`) describes, on a
+    model directory holding only `config` as config.json and dummy
+    (random) weights, as for any speed run. Returns it and its start-up
     time in seconds."""
     from vllm import LLM
-    start = time.perf_counter()
-    llm = LLM(model=str(model_dir), load_format="dummy",
-              skip_tokenizer_init=True, dtype=args.dtype, seed=0,
-              max_model_len=args.input_len + args.output_len + 16,
-              gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, **engine_args)
-    return llm, time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as model_dir:
+        (Path(model_dir) / "config.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        llm = LLM(model=model_dir, load_format="dummy",
+                  skip_tokenizer_init=True, dtype=args.dtype, seed=0,
+                  max_model_len=args.input_len + args.output_len + 16,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  enforce_eager=args.enforce_eager, **engine_args)
+        seconds = time.perf_counter() - start
+    print(f"{name}: started in {seconds:.1f} s", flush=True)
+    return llm, seconds
 
 
 def token_prompts(num_prompts: int, input_len: int) -> list[dict]:
