@@ -137,16 +137,16 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
         replace_linear_class)
 
     tp_size = parallel_context.tp_size
-    problems = [problem for problem in plan_style_problems(model, tp_plan)
+    matches = match_tp_plan(model, tp_plan)
+    problems = [problem for problem in plan_style_problems(model, matches)
                 if problem.startswith("error")]
-    problems += tp_size_problems(model, tp_plan, [tp_size])
+    problems += tp_size_problems(model, matches, [tp_size])
     if problems:
         raise ParallelPlanError(
             f"The tensor-parallel plan of {model_name} does not fit it at "
             f"TP={tp_size}:\n" + "\n".join(f"  - {p}" for p in problems) +
             "\nCheck it with validate_vllm_plans(model) or `python -m "
             "vllm.model_executor.models.plan_validation`.")
-    matches = match_tp_plan(model, tp_plan)
     tied_heads = tied_vocab_heads(model, matches)
     replaced = 0
     sharded_parents = set()
@@ -195,15 +195,15 @@ class VocabParallelTiedHead(nn.Module):
     gathered (the vocabulary's padding cut off)."""
 
     def __init__(self, embedding: nn.Module, vocab_size: int) -> None:
+        from vllm.distributed import tensor_model_parallel_all_gather
         super().__init__()
         self.weight = embedding.weight  # the same parameter, loaded once
         self.vocab_size = vocab_size
+        self.all_gather = tensor_model_parallel_all_gather
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from vllm.distributed import tensor_model_parallel_all_gather
         logits = nn.functional.linear(hidden_states, self.weight)
-        return tensor_model_parallel_all_gather(logits)[...,
-                                                        :self.vocab_size]
+        return self.all_gather(logits)[..., :self.vocab_size]
 
 
 def tied_vocab_heads(model: nn.Module, matches: dict) -> dict[str, str]:
@@ -225,12 +225,11 @@ def tied_vocab_heads(model: nn.Module, matches: dict) -> dict[str, str]:
     }
 
 
-def plan_style_problems(model: nn.Module,
-                        tp_plan: dict[str, str]) -> list[str]:
+def plan_style_problems(model: nn.Module, matches: dict) -> list[str]:
     """"error: ..." for styles that do not fit their layer, and for a
-    colwise layer that closes a colwise pair (it must be rowwise)."""
+    colwise layer that closes a colwise pair (it must be rowwise).
+    `matches` is `match_tp_plan`'s."""
     problems = []
-    matches = match_tp_plan(model, tp_plan)
     for name, (_, style) in matches.items():
         module = model.get_submodule(name)
         if style in REPLICATED_STYLES:
@@ -321,11 +320,11 @@ def generic_name(name: str) -> str:
                     for part in name.split("."))
 
 
-def tp_size_problems(model: nn.Module, tp_plan: dict[str, str],
+def tp_size_problems(model: nn.Module, matches: dict,
                      tp_sizes: list[int]) -> list[str]:
-    """Sizes the plan splits that the given TP sizes do not divide."""
+    """Sizes the plan (`match_tp_plan`'s matches) splits that the given TP
+    sizes do not divide."""
     problems = []
-    matches = match_tp_plan(model, tp_plan)
     tied_heads = tied_vocab_heads(model, matches)
     split_sizes = []  # (what, size)
     sharded_parents = set()

@@ -77,9 +77,9 @@ def validate_vllm_plans(model: nn.Module, tp_plan: dict | None = None,
             print(f"  {head} is tied to {embedding}: it computes the logits "
                   "of the embedding's vocabulary shard and gathers them",
                   file=file)
-        for problem in plan_style_problems(model, tp_plan):
+        for problem in plan_style_problems(model, matches):
             report(*problem.split(": ", 1))
-        for problem in tp_size_problems(model, tp_plan, list(TP_SIZES)):
+        for problem in tp_size_problems(model, matches, list(TP_SIZES)):
             report("warning", problem)
         uncovered = [
             name for name, module in model.named_modules()
