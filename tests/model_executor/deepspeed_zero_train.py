@@ -14,6 +14,7 @@ import sys
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,6 +43,9 @@ def main():
             engine.backward(loss)
             engine.step()
             engine.save_checkpoint(run)
+            if engine.global_rank == 0:
+                print(f"zero{stage}: step {step + 1} saved, "
+                      f"loss {loss.item():.3f}", flush=True)
         with deepspeed.zero.GatheredParameters(list(model.parameters()),
                                                enabled=stage == 3):
             state = {name: p.detach().clone()
@@ -50,6 +54,11 @@ def main():
             model.config.save_pretrained(run)
             save_file(state, os.path.join(run, "reference.safetensors"))
         engine.destroy()
+    # Tear gloo down before the interpreter does: a process group left to
+    # exit-time destructors can abort the rank (SIGABRT, "terminate called
+    # without an active exception") after every checkpoint is written.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
