@@ -26,6 +26,7 @@ torch.compile (`supports_torch_compile = False`).
 
 import argparse
 import functools
+import json
 import re
 import sys
 from dataclasses import asdict
@@ -47,6 +48,20 @@ SIZES = {
                          intermediate_size=768, max_position_embeddings=2048),
 }
 NATIVE = "native Qwen3ForCausalLM"
+
+
+def hf_config(arch: str, config: Qwen3Config, dtype: str) -> dict:
+    """The config.json of a Qwen3 of this shape, served as `arch`."""
+    return dict(asdict(config), architectures=[arch], model_type="qwen3",
+                torch_dtype=dtype)
+
+
+def write_config(path: Path, arch: str, config: Qwen3Config, dtype: str):
+    """A model directory holding only that config.json (for dummy weights);
+    the weight-sync and log-prob benchmarks start their engines on it."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(
+        json.dumps(hf_config(arch, config, dtype)))
 
 
 def variant(supports_torch_compile=True, use_vllm_linear_method=True):
@@ -132,9 +147,8 @@ def main():
                 "torch_profiler_dir": str(args.profile_dir / str(index)),
                 "torch_profiler_with_stack": False}
         llms[name], startup[name] = start_engine(
-            name, dict(asdict(SIZES[args.size]), architectures=[arch],
-                       model_type="qwen3", torch_dtype=args.dtype),
-            args, profiler_config=profiler_config)
+            name, hf_config(arch, SIZES[args.size], args.dtype), args,
+            profiler_config=profiler_config)
 
     rates = run_rounds(llms, prompts, params, args.rounds,
                        args.warmup_rounds)
