@@ -48,6 +48,9 @@ import torch  # noqa: E402
 from benchmark_torchtitan_qwen3 import SIZES, write_config  # noqa: E402
 from model import ARCH, Qwen3Model, build_qwen3  # noqa: E402
 
+from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
+    pack_sequences)
+
 # ------------------------------------------------- run inside each worker
 
 
@@ -102,11 +105,7 @@ def trainer_logprobs(model, sequences, prompt_len, device,
                      token_logprobs=torch_token_logprobs):
     """Log-probabilities of every sequence's generated tokens, recomputed
     with all sequences packed into one varlen batch."""
-    lengths = [len(s) for s in sequences]
-    input_ids = torch.tensor([t for s in sequences for t in s], device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
-        0, dtype=torch.int32)
+    input_ids, positions, cu_seqlens = pack_sequences(sequences, device)
     with torch.no_grad():
         logits = model.compute_logits(
             model(input_ids, positions, cu_seqlens=cu_seqlens))

@@ -136,12 +136,10 @@ def vllm_logits_and_tokens(model_dir, prompts, vocab_size,
 def training_forward(model, prompts):
     """Logits (float64) at every position of every prompt, all prompts
     packed into one varlen batch, through the module's training path."""
+    from vllm.model_executor.layers.trainable_attention import pack_sequences
     lengths = [len(p) for p in prompts]
     device = next(model.parameters()).device
-    input_ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32,
-                              device=device).cumsum(0, dtype=torch.int32)
+    input_ids, positions, cu_seqlens = pack_sequences(prompts, device)
     with torch.no_grad():
         hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
         logits = model.compute_logits(hidden).double()

@@ -43,7 +43,7 @@ from torch import nn
 
 from vllm import LLM, ModelRegistry, SamplingParams
 from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention)
+    TrainableFlashAttention, pack_sequences)
 from vllm.model_executor.parallel_context import ParallelContext
 
 ARCH = "MegatronDecoderForCausalLM"
@@ -206,20 +206,11 @@ def build_megatron_decoder(vllm_config, parallel_context):
 # ------------------------------------------------------------ reference run
 
 
-def packed(prompts, device):
-    lengths = [len(p) for p in prompts]
-    input_ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
-        0, dtype=torch.int32)
-    return input_ids, positions, cu_seqlens, lengths
-
-
 @torch.no_grad()
 def reference_logits(model, prompts, device):
-    input_ids, positions, cu_seqlens, lengths = packed(prompts, device)
+    input_ids, positions, cu_seqlens = pack_sequences(prompts, device)
     logits = model.compute_logits(model(input_ids, positions, cu_seqlens))
-    return [t.float().cpu() for t in logits.split(lengths)]
+    return [t.float().cpu() for t in logits.split([len(p) for p in prompts])]
 
 
 def reference_greedy(model, prompt, max_tokens, device):
@@ -258,7 +249,7 @@ def training_step(model, device):
     """One AdamW step on a packed batch; returns the loss before/after."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 512, (n, )).tolist() for n in (17, 9, 30)]
-    input_ids, positions, cu_seqlens, _ = packed(prompts, device)
+    input_ids, positions, cu_seqlens = pack_sequences(prompts, device)
     targets = torch.roll(input_ids, -1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 

@@ -52,7 +52,7 @@ from tqdm import tqdm  # noqa: E402
 
 from vllm import LLM, ModelRegistry, SamplingParams  # noqa: E402
 from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
-    TrainableFlashAttention)
+    TrainableFlashAttention, pack_sequences)
 
 VOCAB = 16  # tokens 0-9 are digits; the others are never rewarded
 COMPLETION_TOKENS = 4
@@ -129,10 +129,7 @@ def sequence_logprobs(policy, prompts, completions) -> list[torch.Tensor]:
     sequences = [[p] + c for p, c in zip(prompts, completions)]
     lengths = [len(s) for s in sequences]
     device = next(policy.parameters()).device
-    tokens = torch.tensor([t for s in sequences for t in s], device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
-        0, dtype=torch.int32)
+    tokens, positions, cu_seqlens = pack_sequences(sequences, device)
     logits = policy.compute_logits(policy(tokens, positions, cu_seqlens))
     logprobs = F.log_softmax(logits.float(), dim=-1)
     out = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention)
+    TrainableFlashAttention, pack_sequences)
 
 CUDA = torch.cuda.is_available()
 
@@ -94,6 +94,14 @@ def test_padded_form_equals_packed():
     padded = attn(q.view(3, 6, 4, 16), k.view(3, 6, 2, 16),
                   v.view(3, 6, 2, 16))
     torch.testing.assert_close(padded.reshape(18, 4, 16), packed)
+
+
+def test_pack_sequences():
+    input_ids, positions, cu_seqlens = pack_sequences([[5, 6, 7], [8], [9, 10]])
+    assert input_ids.tolist() == [5, 6, 7, 8, 9, 10]
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1]  # restart per sequence
+    assert cu_seqlens.tolist() == [0, 3, 4, 6]
+    assert cu_seqlens.dtype == torch.int32  # what the varlen kernels take
 
 
 def test_gradcheck():

@@ -36,20 +36,14 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
+    pack_sequences)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_llama import (ARCH, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                          build_plain_llama, save_checkpoint)
 
 VOCAB = LlamaConfig.vocab_size
-
-
-def packed(prompts, device):
-    lengths = [len(p) for p in prompts]
-    input_ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
-        0, dtype=torch.int32)
-    return input_ids, positions, cu_seqlens, lengths
 
 
 def train(model, device, steps):
@@ -59,7 +53,7 @@ def train(model, device, steps):
     for step in range(1, steps + 1):
         starts = torch.randint(0, VOCAB, (8, ))
         tokens = (starts[:, None] + torch.arange(65)) % VOCAB
-        input_ids, positions, cu_seqlens, _ = packed(
+        input_ids, positions, cu_seqlens = pack_sequences(
             tokens[:, :-1].tolist(), device)
         logits = model.compute_logits(model(input_ids, positions,
                                             cu_seqlens))
@@ -77,16 +71,17 @@ def train(model, device, steps):
 def reference(model, prompts, max_tokens, device):
     """The module's own logits at every prompt position, and greedy
     continuations recomputed from the whole sequence each step."""
-    input_ids, positions, cu_seqlens, lengths = packed(prompts, device)
+    input_ids, positions, cu_seqlens = pack_sequences(prompts, device)
     logits = model.compute_logits(model(input_ids, positions, cu_seqlens))
     greedy = []
     for prompt in prompts:
         tokens = list(prompt)
         for _ in range(max_tokens):
-            ids, pos, cu, _ = packed([tokens], device)
+            ids, pos, cu = pack_sequences([tokens], device)
             tokens.append(int(model.compute_logits(model(ids, pos, cu))
                               [-1].argmax()))
         greedy.append(tokens[len(prompt):])
+    lengths = [len(prompt) for prompt in prompts]
     return [t[:-1].float().cpu() for t in logits.split(lengths)], greedy
 
 

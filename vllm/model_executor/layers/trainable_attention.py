@@ -30,7 +30,8 @@ and serves with one definition and loads one checkpoint. Rotary embeddings are
 applied by the model before this module, from explicit positions: vLLM
 passes `positions` to the model's forward, and training code passes
 `position_ids` (per sequence, restarting at 0 after every `cu_seqlens`
-boundary), so both modes see the same rotated q and k.
+boundary; `pack_sequences` builds both), so both modes see the same
+rotated q and k.
 """
 
 from dataclasses import dataclass
@@ -317,6 +318,23 @@ def use_generator_attention_kernel(model: nn.Module, block_size: int = 16,
             module.paged_kernel = kernel
             switched += 1
     return switched
+
+
+def pack_sequences(
+    sequences: list[list[int]],
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(input_ids, positions, cu_seqlens)` of token sequences packed into
+    one varlen batch, the training input `TrainableFlashAttention` takes:
+    positions restart at 0 for each sequence, `cu_seqlens` (int32) holds
+    the boundaries."""
+    lengths = [len(sequence) for sequence in sequences]
+    input_ids = torch.tensor([t for sequence in sequences for t in sequence],
+                             device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
+        0, dtype=torch.int32)
+    return input_ids, positions, cu_seqlens
 
 
 def _in_vllm_forward() -> bool:
