@@ -130,6 +130,26 @@ def vllm_logits_and_tokens(model_dir, prompts, vocab_size,
         shutdown_llm(llm)
 
 
+# ---------------------------------------------------------- weight pushes
+
+
+def push_weights(model, weights):
+    """Runs in every worker, on the model vLLM serves (through
+    `LLM.apply_model`): the trainer's documented weight push. Returns the
+    names the worker loaded."""
+    return sorted(model.load_weights(weights.items()))
+
+
+def with_update(model, update):
+    """A copy of the PyTorch module with `update` ({name: full tensor})
+    loaded: the reference for an engine that received the same push."""
+    import copy
+    from vllm.model_executor.models.callable_model import load_weights_by_name
+    updated = copy.deepcopy(model)
+    load_weights_by_name(updated, update.items(), require_all=False)
+    return updated
+
+
 # --------------------------------------------------- the training forward
 
 
@@ -174,7 +194,10 @@ def tiny_reference_tokens(tiny_checkpoint):
     return [greedy_recompute(model, p) for p in PROMPTS]
 
 
-SHARED_ENGINES = ("tiny_engine", "tiny_engine_tp2")
+# Engine fixtures (here or in a test module) that stop after their last
+# user; each returns `shared_engine(its name, engine)`.
+SHARED_ENGINES = ("tiny_engine", "tiny_engine_tp2", "plan_tp2_engine",
+                  "tied_llama")
 _LAST_USER_OF = pytest.StashKey[list]()
 _running: dict[str, object] = {}
 
@@ -206,9 +229,11 @@ def pytest_sessionfinish():
         shutdown_llm(_running.popitem()[1])
 
 
-def _shared(name, llm):
-    _running[name] = llm
-    return llm
+def shared_engine(name, engine):
+    """Register `engine` under its fixture's name, to be stopped after the
+    fixture's last user."""
+    _running[name] = engine
+    return engine
 
 
 @pytest.fixture(scope="session")
@@ -219,7 +244,7 @@ def tiny_engine(tiny_checkpoint):
     from vllm import ModelRegistry
     path, model = tiny_checkpoint
     ModelRegistry.register_model(ARCH, build_tiny_decoder)
-    return _shared("tiny_engine", make_llm(
+    return shared_engine("tiny_engine", make_llm(
         path, ARCH, max_logprobs=model.lm_head.out_features,
         logprobs_mode="raw_logits"))
 
@@ -235,7 +260,7 @@ def tiny_engine_tp2(tiny_checkpoint):
         "TinyLambdaTP2",
         lambda vllm_config, parallel_context: build_tiny_decoder(
             vllm_config, parallel_context))
-    return _shared("tiny_engine_tp2", make_llm(
+    return shared_engine("tiny_engine_tp2", make_llm(
         path, "TinyLambdaTP2", tensor_parallel_size=2,
         max_logprobs=model.lm_head.out_features, logprobs_mode="raw_logits"))
 

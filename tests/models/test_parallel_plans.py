@@ -4,6 +4,7 @@
 `_pp_plan` (a Forgather-style decoder of plain `nn.Linear` layers, and the
 example's plain Llama), and the tools that validate a plan."""
 
+import functools
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from tests.conftest import (MAX_TOKENS, PROMPTS, REPO, greedy_recompute,
-                            logits_and_tokens, make_llm, shutdown_llm,
-                            training_forward)
+                            greedy_tokens, logits_and_tokens, make_llm,
+                            push_weights, shared_engine, shutdown_llm,
+                            training_forward, with_update)
 from tests.models.forgather_style import (ARCH, TP_PLAN, ForgatherStyleModel,
                                           build_forgather_style, with_plan,
                                           write_checkpoint)
@@ -23,6 +25,14 @@ from vllm.model_executor.models.plan_validation import (
 
 WRONG_STYLE = dict(TP_PLAN, **{
     "model.layer_stack.layers.*.attention.output_linear": "colwise"})
+# Every style a plan gives nn.Linear and nn.Embedding layers, old and new
+# names: colwise / rowwise attention, a gathered-output MLP input whose
+# output the next layer splits again, the LM head gathered.
+EVERY_STYLE = dict(TP_PLAN, **{
+    "model.layer_stack.layers.*.feedforward.up_proj": "colwise_rep",
+    "model.layer_stack.layers.*.feedforward.down_proj": "rowwise_rep",
+    "model.output_decoder": "colwise_gather_output"})
+build_every_style = with_plan(EVERY_STYLE)
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +49,30 @@ def reference(checkpoint):
             [greedy_recompute(model, p) for p in PROMPTS])
 
 
-def served(path, vocab, factory=build_forgather_style, **kwargs):
-    """Logits and greedy tokens from an engine started for this call, and
-    the module's layout in each worker."""
+def plan_engine(path, vocab, factory=build_forgather_style, name=None,
+                **kwargs):
+    """An engine on the Forgather-style checkpoint, returning raw logits."""
     from vllm import ModelRegistry
-    arch = f"{ARCH}_{factory.__name__}"
+    arch = f"{ARCH}_{name or factory.__name__}"
     ModelRegistry.register_model(arch, factory)
-    llm = make_llm(path, arch, max_logprobs=vocab,
-                   logprobs_mode="raw_logits", **kwargs)
+    return make_llm(path, arch, max_logprobs=vocab,
+                    logprobs_mode="raw_logits", **kwargs)
+
+
+def read_engine(llm, vocab):
+    """Logits and greedy tokens of PROMPTS, and the module's layout in each
+    worker."""
+    logits, tokens = logits_and_tokens(llm, PROMPTS, vocab)
+    return logits, tokens, llm.apply_model(_layout)
+
+
+def served(path, vocab, factory=build_forgather_style, **kwargs):
+    """`read_engine` of an engine started for this call."""
+    llm = plan_engine(path, vocab, factory, **kwargs)
     try:
-        logits, tokens = logits_and_tokens(llm, PROMPTS, vocab)
-        layout = llm.apply_model(_layout)
+        return read_engine(llm, vocab)
     finally:
         shutdown_llm(llm)
-    return logits, tokens, layout
 
 
 def _layout(model):
@@ -77,6 +97,16 @@ def tp1(checkpoint):
     return served(checkpoint[0], model.model.output_decoder.out_features)
 
 
+@pytest.fixture(scope="module")
+def plan_tp2_engine(checkpoint):
+    """TP=2 from a plan with every linear and embedding style; shared by
+    the parity and weight-push tests (see tests/conftest.py)."""
+    vocab = checkpoint[1].model.output_decoder.out_features
+    return shared_engine("plan_tp2_engine", plan_engine(
+        checkpoint[0], vocab, build_every_style, name="every_style",
+        tensor_parallel_size=2))
+
+
 def _max_diff(a, b):
     return (a - b).abs().max().item() if a.numel() else 0.0
 
@@ -97,15 +127,82 @@ def test_tp1_matches_the_module(tp1, reference):
     assert layout[0]["query_shape"] == (256, 128)  # whole at TP=1
 
 
-def test_tp2_from_plan_matches_tp1(checkpoint, tp1, reference):
+def test_tp2_from_plan_matches_tp1(checkpoint, plan_tp2_engine, tp1,
+                                   reference):
     vocab = checkpoint[1].model.output_decoder.out_features
-    result = served(checkpoint[0], vocab, tensor_parallel_size=2)
+    result = read_engine(plan_tp2_engine, vocab)
     _assert_same(result, tp1, reference)
     # each rank holds half of the heads, from the plan alone
     for rank in result[2]:
         assert rank["query_shape"] == (128, 128)
         assert rank["local_heads"] == 2
         assert rank["layers"] == [0, 1, 2, 3]
+
+
+def moved(model, names, seed=1):
+    """{name: full tensor} for `names`: the module's values, changed."""
+    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    return {name: state[name] + 0.05 * torch.randn(state[name].shape,
+                                                   generator=generator)
+            for name in names}
+
+
+def assert_push_lands(llm, model, vocab, update, bad_name):
+    """Push `update` (full tensors) into the running engine: vLLM's greedy
+    tokens and logits are then PyTorch's on the updated module. A push that
+    also carries a wrongly shaped `bad_name` raises one error naming it and
+    changes nothing. The old values are pushed back at the end."""
+    old = {name: model.state_dict()[name].clone() for name in update}
+    updated = with_update(model, update)
+    loaded = llm.apply_model(functools.partial(push_weights, weights=update))
+    try:
+        llm.reset_prefix_cache()  # KV computed with the old weights
+        logits, tokens = logits_and_tokens(llm, PROMPTS, vocab)
+        shape = update[bad_name].shape
+        bad = dict(update, **{bad_name: torch.zeros(shape[0] + 1, *shape[1:])})
+        with pytest.raises(Exception, match="nothing was changed") as error:
+            llm.apply_model(functools.partial(push_weights, weights=bad))
+        logits_after_bad, _ = logits_and_tokens(llm, PROMPTS, vocab)
+    finally:
+        llm.apply_model(functools.partial(push_weights, weights=old))
+        llm.reset_prefix_cache()
+    restored, restored_tokens = logits_and_tokens(llm, PROMPTS, vocab)
+
+    assert bad_name in str(error.value)
+    assert tokens == [greedy_recompute(updated, p) for p in PROMPTS]
+    for got, want in zip(logits, training_forward(updated, PROMPTS)):
+        assert _max_diff(got, want[:-1]) < 1e-4
+    for got, want in zip(logits_after_bad, logits):
+        assert _max_diff(got, want) == 0.0
+    for got, want in zip(restored, training_forward(model, PROMPTS)):
+        assert _max_diff(got, want[:-1]) < 1e-4
+    assert restored_tokens == [greedy_recompute(model, p) for p in PROMPTS]
+    assert restored_tokens != tokens  # the push changed the model
+    return loaded
+
+
+def test_push_into_every_plan_style_at_tp2(checkpoint, plan_tp2_engine):
+    """A trainer's full tensors pushed into layers the plan sharded, one of
+    each style, and into the vocabulary-split embedding: each rank cuts
+    its shard (issue 19: the update path handed vLLM's weight loaders a
+    plain Parameter instead of their parameter class)."""
+    _, model = checkpoint
+    layer = "model.layer_stack.layers.1"
+    update = moved(model, [
+        f"{layer}.attention.query_linear.weight",  # colwise
+        f"{layer}.attention.output_linear.weight",  # rowwise
+        f"{layer}.feedforward.up_proj.weight",  # colwise_rep
+        f"{layer}.feedforward.up_proj.bias",
+        f"{layer}.feedforward.down_proj.weight",  # rowwise_rep
+        "model.output_decoder.weight",  # colwise_gather_output
+        "model.input_encoder.embedding.weight",  # vocabulary-parallel
+    ])
+    loaded = assert_push_lands(plan_tp2_engine, model,
+                               model.model.output_decoder.out_features,
+                               update,
+                               bad_name=f"{layer}.feedforward.up_proj.weight")
+    assert loaded == [[f"model.{name}" for name in sorted(update)]] * 2
 
 
 def test_pp2_from_plan_matches_tp1(checkpoint, tp1, reference):
@@ -151,35 +248,39 @@ def _llama_layout(model):
     }
 
 
-def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
     """The example's plain Llama (Hugging Face names and transformers 5's
     style names, a `_pp_plan` entry that is the nn.ModuleList itself, gate
     and up packed into one `packed_colwise` projection, lm_head tied to the
-    embedding and stored only as the embedding) at TP=2 x PP=2, four
-    workers, compiled: logits equal the module's own, and the last stage's
-    head shares a vocabulary shard loaded from the embedding's tensor."""
+    embedding and stored only as the embedding), and an engine serving it
+    at TP=2 x PP=2: four workers, compiled."""
     from vllm import ModelRegistry
     torch.manual_seed(0)
     # 511 tokens: vLLM pads the vocabulary to 512, and the padding row is
     # cut from the gathered logits
-    vocab = 511
-    model = packed_llama(LlamaConfig(vocab_size=vocab, hidden_size=128,
+    model = packed_llama(LlamaConfig(vocab_size=511, hidden_size=128,
                                      intermediate_size=256,
                                      tie_word_embeddings=True))
     with torch.no_grad():  # decisive logits
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.08)
-    save_checkpoint(model, tmp_path)
+    path = tmp_path_factory.mktemp("tied_llama")
+    save_checkpoint(model, path)
     ModelRegistry.register_model("PlainLlamaForCausalLM", build_packed_llama)
-    llm = make_llm(tmp_path, "PlainLlamaForCausalLM", tensor_parallel_size=2,
-                   pipeline_parallel_size=2, max_logprobs=vocab,
-                   logprobs_mode="raw_logits")
-    try:
-        logits, tokens = logits_and_tokens(llm, PROMPTS, vocab)
-        layout = llm.apply_model(_llama_layout)
-    finally:
-        shutdown_llm(llm)
+    return model, shared_engine("tied_llama", make_llm(
+        path, "PlainLlamaForCausalLM", tensor_parallel_size=2,
+        pipeline_parallel_size=2, max_logprobs=511,
+        logprobs_mode="raw_logits"))
+
+
+def test_tied_llama_at_tp2_pp2_matches_the_module(tied_llama):
+    """Logits equal the module's own, and the last stage's head shares a
+    vocabulary shard loaded from the embedding's tensor."""
+    model, llm = tied_llama
+    logits, tokens = logits_and_tokens(llm, PROMPTS, 511)
+    layout = llm.apply_model(_llama_layout)
     reference = training_forward(model, PROMPTS)
     for ours, ref in zip(logits, reference):
         assert _max_diff(ours, ref[:-1]) < 1e-4
@@ -194,6 +295,31 @@ def test_tied_llama_at_tp2_pp2_matches_the_module(tmp_path):
     assert [rank["head"] for rank in layout] == (
         ["PPMissingLayer"] * 2 + ["VocabParallelTiedHead"] * 2)
     assert layout[-1]["head_shape"] == (256, 128)  # half the padded vocab
+
+
+def test_push_at_tp2_pp2(tied_llama):
+    """Pushes into both stages of the plan-sharded Llama: the packed
+    gate/up projection, colwise and rowwise layers, and the tied embedding,
+    which reaches the first stage's embedding and the last stage's
+    vocabulary-split head under its one name."""
+    model, llm = tied_llama
+    update = moved(model, [
+        "model.layers.0.self_attn.k_proj.weight",  # colwise, stage 0
+        "model.layers.1.mlp.down_proj.weight",  # rowwise, stage 0
+        "model.layers.2.mlp.gate_up_proj.weight",  # packed_colwise, stage 1
+        "model.layers.3.self_attn.o_proj.weight",  # rowwise, stage 1
+        "model.embed_tokens.weight",  # vocabulary-parallel, tied head
+    ])
+    loaded = assert_push_lands(llm, model, 511, update,
+                               bad_name="model.layers.2.mlp.gate_up_proj"
+                               ".weight")
+    first_stage = ["model.model.embed_tokens.weight",
+                   "model.model.layers.0.self_attn.k_proj.weight",
+                   "model.model.layers.1.mlp.down_proj.weight"]
+    last_stage = ["model.lm_head.weight",
+                  "model.model.layers.2.mlp.gate_up_proj.weight",
+                  "model.model.layers.3.self_attn.o_proj.weight"]
+    assert loaded == [first_stage] * 2 + [last_stage] * 2
 
 
 def test_wrong_style_is_refused(checkpoint, capfd):
@@ -382,3 +508,52 @@ def test_global_head_count_reshape_names_the_module(checkpoint, capfd):
             "'ForgatherGlobalHeads') failed after tensor-parallel sharding"
             ) in errors
     assert "not a hard-coded global one" in errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_push_into_plan_layers_at_tp1(checkpoint):
+    """On one GPU the plan shards nothing and the layers stay plain
+    `nn.Linear`: a push into each layer a plan would shard lands exactly
+    (the engine's parameters read back equal the pushed values in its
+    dtype), changes the greedy tokens, and pushing the old values back
+    restores them; a wrongly shaped push changes nothing."""
+    path, model = checkpoint
+    vocab = model.model.output_decoder.out_features
+    layer = "model.layer_stack.layers.1"
+    update = moved(model, [f"{layer}.attention.query_linear.weight",
+                           f"{layer}.attention.output_linear.weight",
+                           f"{layer}.feedforward.up_proj.weight",
+                           f"{layer}.feedforward.down_proj.weight",
+                           "model.output_decoder.weight",
+                           "model.input_encoder.embedding.weight"])
+    old = {name: model.state_dict()[name] for name in update}
+    llm = plan_engine(path, vocab, build_every_style, name="every_style",
+                      dtype="bfloat16", enforce_eager=True)
+    try:
+        before = greedy_tokens(llm)
+        llm.apply_model(functools.partial(push_weights, weights=update))
+        llm.reset_prefix_cache()
+        after = greedy_tokens(llm)
+        read_back = llm.apply_model(functools.partial(
+            _read_parameters, names=sorted(update)))[0]
+        bad = dict(update, **{f"{layer}.feedforward.up_proj.weight":
+                              torch.zeros(257, 128)})
+        with pytest.raises(Exception, match="nothing was changed"):
+            llm.apply_model(functools.partial(push_weights, weights=bad))
+        after_bad = llm.apply_model(functools.partial(
+            _read_parameters, names=sorted(update)))[0]
+        llm.apply_model(functools.partial(push_weights, weights=old))
+        llm.reset_prefix_cache()
+        restored = greedy_tokens(llm)
+    finally:
+        shutdown_llm(llm)
+    for name, value in update.items():
+        assert torch.equal(read_back[name], value.to(torch.bfloat16))
+        assert torch.equal(after_bad[name], read_back[name])
+    assert after != before and restored == before
+
+
+def _read_parameters(model, names):
+    """Runs in the worker: the named parameters, on the CPU."""
+    params = dict(model.model.named_parameters())
+    return {name: params[name].detach().cpu() for name in names}

@@ -4,14 +4,14 @@
 only what changes, full tensors are cut to each TP rank, and a bad update
 changes nothing."""
 
-import copy
 import functools
 
 import pytest
 import torch
 
 from tests.conftest import (PROMPTS, greedy_recompute, logits_and_tokens,
-                            training_forward)
+                            training_forward, with_update)
+from tests.conftest import push_weights as push
 from tests.models.tiny_decoder import TinyConfig, TinyDecoder
 from vllm.model_executor.models.callable_model import load_weights_by_name
 
@@ -27,17 +27,6 @@ def trained(model: TinyDecoder, seed: int = 1) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     return {name: state[name] + 0.05 * torch.randn(
         state[name].shape, generator=generator) for name in UPDATED}
-
-
-def with_update(model: TinyDecoder, update) -> TinyDecoder:
-    updated = copy.deepcopy(model)
-    load_weights_by_name(updated, update.items(), require_all=False)
-    return updated
-
-
-def push(model, weights):
-    """Runs in every worker, on the model vLLM serves."""
-    return sorted(model.load_weights(weights.items()))
 
 
 # ------------------------------------------------------- the module alone

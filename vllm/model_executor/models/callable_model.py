@@ -297,11 +297,13 @@ def load_weights_by_name(
             if problem is None and getattr(target, "weight_loader", None):
                 # vLLM's parallel layers take the full tensor and shard it
                 # themselves; an update shards into a scratch copy first.
-                destination = target if require_all else _scratch_copy(
-                    target)
-                problem = _run_weight_loader(name, target, destination,
-                                             tensor)
-                tensor, in_place = destination.data, require_all
+                problem = _full_shape_problem(model, name, target, tensor)
+                if problem is None:
+                    destination = target if require_all else _scratch_copy(
+                        target)
+                    problem = _run_weight_loader(name, target, destination,
+                                                 tensor)
+                    tensor, in_place = destination.data, require_all
             elif problem is None and getattr(target, "tensor_model_parallel",
                                              False):
                 tensor = _megatron_shard(name, target, tensor,
@@ -355,9 +357,37 @@ def _check_tensor(name: str, target: torch.Tensor,
 
 
 def _scratch_copy(param: torch.Tensor) -> nn.Parameter:
-    scratch = nn.Parameter(torch.empty_like(param), requires_grad=False)
-    scratch.__dict__.update(param.__dict__)  # output_dim, weight_loader, ...
+    """An empty parameter of `param`'s class with its attributes: vLLM's
+    weight loaders call methods of their parameter's class
+    (`ModelWeightParameter.load_column_parallel_weight`, ...) and read its
+    attributes (`output_dim`, `tp_rank`, ...)."""
+    scratch = torch.Tensor._make_subclass(type(param),
+                                          torch.empty_like(param.data), False)
+    scratch.__dict__.update(param.__dict__)
     return scratch
+
+
+def _full_shape_problem(model: nn.Module, name: str, param: torch.Tensor,
+                        full: torch.Tensor) -> str | None:
+    """vLLM's linear weight loaders cut this rank's rows or columns out of
+    the full tensor without checking the rest of its shape (a tensor with a
+    row too many loads): check it against the layer's full size."""
+    from vllm.model_executor.layers.linear import (LinearBase,
+                                                   QKVParallelLinear,
+                                                   UnquantizedLinearMethod)
+    owner_name, _, param_name = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    # QKVParallelLinear counts KV heads replicated over ranks in its size
+    if (not isinstance(owner, LinearBase)
+            or isinstance(owner, QKVParallelLinear)
+            or not isinstance(owner.quant_method, UnquantizedLinearMethod)):
+        return None
+    expected = {"weight": (owner.output_size, owner.input_size),
+                "bias": (owner.output_size, )}.get(param_name)
+    if expected is None or tuple(full.shape) == expected:
+        return None
+    return (f"{name}: checkpoint {tuple(full.shape)}, model shard "
+            f"{tuple(param.shape)} of a full {expected}")
 
 
 def _run_weight_loader(name: str, param: torch.Tensor,
