@@ -47,13 +47,17 @@ os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
     """A real vLLM engine on a test checkpoint: token-id prompts, fp32
-    unless `dtype` says otherwise, a small KV cache."""
+    unless `dtype` says otherwise, eager unless `enforce_eager=False`, a
+    small KV cache."""
     from vllm import LLM
     world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
     if world_size > 1:  # one core per CPU worker, shared round-robin
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             str(rank % (os.cpu_count() or 1)) for rank in range(world_size))
     kwargs.setdefault("dtype", "float32")
+    # compiling costs most of an engine's start on the CPU: only tests
+    # about compiled engines ask for it
+    kwargs.setdefault("enforce_eager", True)
     return LLM(model=str(model_dir),
                hf_overrides={"architectures": [arch]} if arch else None,
                skip_tokenizer_init=True,
@@ -239,14 +243,15 @@ def shared_engine(name, engine):
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
     """The tiny decoder registered as a module-level function factory, TP=1,
-    returning raw logits: shared by every test that only reads from it."""
+    returning raw logits, compiled (what a factory that declares nothing
+    gets): shared by every test that only reads from it."""
     from tests.models.tiny_decoder import ARCH, build_tiny_decoder
     from vllm import ModelRegistry
     path, model = tiny_checkpoint
     ModelRegistry.register_model(ARCH, build_tiny_decoder)
     return shared_engine("tiny_engine", make_llm(
         path, ARCH, max_logprobs=model.lm_head.out_features,
-        logprobs_mode="raw_logits"))
+        logprobs_mode="raw_logits", enforce_eager=False))
 
 
 @pytest.fixture(scope="session")

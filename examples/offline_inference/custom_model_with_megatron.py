@@ -303,9 +303,11 @@ def run_reference(config, prompts, max_tokens, dtype, device, workdir):
 # --------------------------------------------------------------- vLLM run
 
 
-def run_vllm(checkpoint, prompts, max_tokens, dtype, tensor_parallel_size):
+def run_vllm(checkpoint, prompts, max_tokens, dtype, tensor_parallel_size,
+             enforce_eager):
     llm = LLM(model=str(checkpoint), skip_tokenizer_init=True,
               dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+              enforce_eager=enforce_eager,
               max_model_len=512, gpu_memory_utilization=0.3,
               max_logprobs=DecoderConfig.vocab_size,
               logprobs_mode="raw_logits", seed=0)
@@ -355,6 +357,8 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no torch.compile or CUDA graphs: faster start, slower steps")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda"
@@ -379,7 +383,8 @@ def main():
         print(f"training step: loss {losses[0]:.4f} -> {losses[1]:.4f}")
         logits, greedy = run_vllm(checkpoint, prompts, args.max_tokens,
                                   str(dtype).split(".")[1],
-                                  args.tensor_parallel_size)
+                                  args.tensor_parallel_size,
+                                  args.enforce_eager)
     print(f"vLLM, tensor_parallel_size={args.tensor_parallel_size}:")
     ok, rule = compare(ref_logits, ref_greedy, logits, greedy, dtype)
     ok = ok and losses[1] < losses[0]

@@ -161,6 +161,8 @@ def save_checkpoint(model, path: Path, vocab_size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no torch.compile or CUDA graphs: faster start, slower steps")
     parser.add_argument("--verbose", action="store_true",
                         help="show vLLM's INFO logs")
     args = parser.parse_args()
@@ -189,7 +191,7 @@ def main():
     llm = LLM(model=str(checkpoint), dtype="float32", max_model_len=256,
               gpu_memory_utilization=0.3,
               tensor_parallel_size=args.tensor_parallel_size,
-              use_tqdm_on_load=VERBOSE)
+              enforce_eager=args.enforce_eager, use_tqdm_on_load=VERBOSE)
     prompts = ["vLLM runs the", "One definition serves", "the weights"]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0,
                                                    max_tokens=24),

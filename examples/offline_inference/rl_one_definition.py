@@ -183,6 +183,8 @@ def main():
                         help="the trainer's weights (default: --dtype)")
     parser.add_argument("--target-reward", type=float, default=0.9,
                         help="stop once the mean reward reaches this")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no torch.compile or CUDA graphs: faster start, slower steps")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -198,7 +200,7 @@ def main():
     llm = LLM(model=str(write_model_dir(policy, args.dtype)),
               skip_tokenizer_init=True, dtype=args.dtype, seed=0,
               max_model_len=64, gpu_memory_utilization=0.2,
-              use_tqdm_on_load=VERBOSE)
+              enforce_eager=args.enforce_eager, use_tqdm_on_load=VERBOSE)
 
     def sampling(seed):
         # A seed per request (its samples take seed, seed + 1, ...): the run

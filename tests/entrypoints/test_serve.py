@@ -95,7 +95,8 @@ def test_llm_from_the_directory_alone(checkpoint, tmp_path):
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     llm = LLM(model={str(path)!r}, trust_remote_code=True, dtype="float32",
-              max_model_len=512, gpu_memory_utilization=0.1)
+              max_model_len=512, gpu_memory_utilization=0.1,
+              enforce_eager=True)
     out = llm.generate([{{"prompt_token_ids": {PROMPT_IDS}}}],
                        SamplingParams(max_tokens={MAX_TOKENS},
                                       temperature=0.0, ignore_eos=True))
@@ -146,6 +147,7 @@ def vllm_serve(path: Path, name: str, log: Path, tensor_parallel_size=2):
              "--tensor-parallel-size", str(tensor_parallel_size),
              "--dtype", "float32", "--max-model-len", "512",
              "--gpu-memory-utilization", "0.1", "--served-model-name", name,
+             "--enforce-eager",
              "--host", "127.0.0.1", "--port", str(port)], cwd=log.parent,
             env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

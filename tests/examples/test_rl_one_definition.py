@@ -18,7 +18,8 @@ STEP = re.compile(r"^step +(\d+) +reward ([0-9.]+) +sync +([0-9.]+) ms +"
 
 @pytest.mark.timeout(600)
 def test_reward_rises_and_logprobs_agree():
-    result = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "120"],
+    result = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "120",
+                             "--enforce-eager"],
                             capture_output=True, text=True, timeout=580)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

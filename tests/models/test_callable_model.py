@@ -202,7 +202,8 @@ from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     llm = LLM(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32",
               hf_overrides={"architectures": ["TinyFromPlugin"]},
-              gpu_memory_utilization=0.1, max_model_len=512, seed=0)
+              gpu_memory_utilization=0.1, max_model_len=512, seed=0,
+              enforce_eager=True)
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in json.loads(sys.argv[2])],
         SamplingParams(max_tokens=int(sys.argv[3]), temperature=0.0,

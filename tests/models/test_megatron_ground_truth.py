@@ -32,7 +32,8 @@ def run_example(*args, timeout=600):
 def test_megatron_model_matches_reference_cpu(tp):
     if torch.cuda.is_available():
         pytest.skip("CPU comparison; the CUDA case runs on GPUs")
-    rc, output = run_example("--tensor-parallel-size", str(tp))
+    rc, output = run_example("--tensor-parallel-size", str(tp),
+                             "--enforce-eager")
     assert rc == 0, output[-4000:]
     assert f"vLLM, tensor_parallel_size={tp}:" in output
     max_diff = float(re.search(r"max \|diff\| ([0-9.e+-]+)", output)[1])

@@ -272,7 +272,7 @@ def tied_llama(tmp_path_factory):
     return model, shared_engine("tied_llama", make_llm(
         path, "PlainLlamaForCausalLM", tensor_parallel_size=2,
         pipeline_parallel_size=2, max_logprobs=511,
-        logprobs_mode="raw_logits"))
+        logprobs_mode="raw_logits", enforce_eager=False))
 
 
 def test_tied_llama_at_tp2_pp2_matches_the_module(tied_llama):

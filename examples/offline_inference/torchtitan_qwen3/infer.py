@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no torch.compile or CUDA graphs: faster start, slower steps")
     args = parser.parse_args(argv)
     if args.prompts_file:
         lines = Path(args.prompts_file).read_text().splitlines()
@@ -55,7 +57,7 @@ def main(argv=None):
     llm = LLM(model=str(prepare_model_dir(args.model_path)),
               tensor_parallel_size=args.tensor_parallel_size,
               gpu_memory_utilization=0.5 if _has_cuda() else 0.3,
-              seed=args.seed)
+              seed=args.seed, enforce_eager=args.enforce_eager)
     outputs = llm.generate(
         args.prompt,
         SamplingParams(max_tokens=args.max_tokens,

@@ -18,7 +18,8 @@ if __name__ == "__main__":
                                  "script_dir_factories:build")
     llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32",
               hf_overrides={"architectures": ["TinyFromScriptDir"]},
-              gpu_memory_utilization=0.1, max_model_len=512, seed=0)
+              gpu_memory_utilization=0.1, max_model_len=512, seed=0,
+              enforce_eager=True)
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(max_tokens=max_tokens, temperature=0.0,

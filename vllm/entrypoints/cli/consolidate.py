@@ -137,8 +137,10 @@ def validate_load(directory: Path) -> int:
     greedy tokens; 0 on success, 1 (with the reason) on failure."""
     from vllm import LLM, SamplingParams
     try:
+        # eager: a load check needs no compiled speed, only a fast start
         llm = LLM(model=str(directory), max_model_len=256,
-                  gpu_memory_utilization=0.1, skip_tokenizer_init=True)
+                  gpu_memory_utilization=0.1, skip_tokenizer_init=True,
+                  enforce_eager=True)
         out = llm.generate([{"prompt_token_ids": VALIDATION_PROMPT}],
                            SamplingParams(max_tokens=8, temperature=0.0,
                                           ignore_eos=True, detokenize=False),

@@ -32,6 +32,7 @@ only what changes, and a bad one changes nothing.
 """
 
 import inspect
+import time
 from collections.abc import Callable, Iterable
 from typing import ClassVar
 
@@ -75,29 +76,37 @@ class CallableModelWrapper(nn.Module):
     @classmethod
     def for_factory(cls, model_arch: str,
                     factory: ModelFactory) -> type["CallableModelWrapper"]:
-        """The wrapper class for `factory`. A factory whose attribute
-        `supports_torch_compile` is true builds modules Dynamo can trace
-        whole (fullgraph); vLLM then compiles them and, on CUDA, captures
-        piecewise CUDA graphs, as for its own models."""
+        """The wrapper class for `factory`. vLLM compiles the module it
+        builds (a Dynamo trace of the whole forward, then, on CUDA,
+        piecewise CUDA graphs), as it does its own models. The factory's
+        attribute `supports_torch_compile` says how: unset, a module Dynamo
+        cannot trace runs uncompiled, with one warning saying why
+        (`CompileOrFallBack`); True, that is an error; False, vLLM does not
+        try."""
         if not callable(factory):
             raise TypeError(f"The model factory for '{model_arch}' must be "
                             f"callable, got {type(factory).__name__}")
         check_factory_signature(model_arch, factory)
-        wrapper = type(model_arch, (cls, ), {
+        attributes = {
             "model_factory": staticmethod(factory),
             "model_arch": model_arch,
             "__module__": cls.__module__,
             "__qualname__": f"{cls.__qualname__}[{model_arch}]",
-        })
-        if getattr(factory, "supports_torch_compile", False):
-            from vllm.compilation.decorators import support_torch_compile
-            wrapper = support_torch_compile(dynamic_arg_dims={
-                "input_ids": 0,
-                "positions": -1,
-                "intermediate_tensors": 0,
-                "inputs_embeds": 0,
-            })(wrapper)
-        return wrapper
+        }
+        wrapper = type(model_arch, (cls, ), attributes)
+        compile_choice = getattr(factory, "supports_torch_compile", None)
+        if compile_choice is False:
+            return wrapper
+        from vllm.compilation.decorators import support_torch_compile
+        wrapper = support_torch_compile(dynamic_arg_dims={
+            "input_ids": 0,
+            "positions": -1,
+            "intermediate_tensors": 0,
+            "inputs_embeds": 0,
+        })(wrapper)
+        # the decorator replaces the class's __call__: ours goes above it
+        return type(model_arch, (CompileOrFallBack, wrapper),
+                    dict(attributes, compile_required=bool(compile_choice)))
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -235,6 +244,44 @@ class CallableModelWrapper(nn.Module):
         refresh_vllm_linear_method(
             self.model, (params[name] for name in loaded if name in params))
         return {f"model.{name}" for name in loaded}
+
+
+class CompileOrFallBack:
+    """The first call of a compiled `CallableModelWrapper` (vLLM's profile
+    run) is where Dynamo traces the module. If it cannot (a graph break,
+    an unsupported op, data-dependent control flow), a factory that
+    declared `supports_torch_compile = True` gets an error naming the
+    reason, and one that declared nothing gets its module run uncompiled
+    from then on, with one warning."""
+
+    compile_required: ClassVar[bool]
+
+    def __call__(self, *args, **kwargs):
+        if self.do_not_compile or self.compiled:
+            return super().__call__(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return super().__call__(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            reason = next((line.strip() for line in str(error).splitlines()
+                           if line.strip()), type(error).__name__)
+            if self.compile_required:
+                raise ModelFactoryError(
+                    f"Model '{self.model_arch}' declares "
+                    "supports_torch_compile = True, but torch.compile cannot "
+                    f"trace it: {reason}. Make the module traceable as one "
+                    "graph, or set the factory's supports_torch_compile to "
+                    "False (never compiled) or leave it unset (compiled "
+                    "where it can be).") from error
+            self.do_not_compile = True
+            if self.parallel_context.tp_rank == 0:  # once per stage
+                logger.warning(
+                    "Model '%s' runs uncompiled: torch.compile could not "
+                    "trace it (%s; the attempt took %.1f s). Set the "
+                    "factory's supports_torch_compile = False to skip the "
+                    "attempt and this warning.", self.model_arch, reason,
+                    time.perf_counter() - start)
+            return self.forward(*args, **kwargs)
 
 
 def _sharded_forward_error(model: nn.Module, model_arch: str,
