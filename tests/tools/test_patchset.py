@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""The patch set applies to each base release's Python sources, twice
-without change, reverts to the original bytes, and exports as a series
-that `git am` takes."""
+"""The patch set applies to each supported release's Python sources
+(0.26.0 and 0.32.0, which the GPU and CPU runs use, and 0.33.0, applied
+only), twice without change, compiles there, reverts to the original
+bytes, and exports as a series that `git am` takes."""
 
 import copy
 import importlib.util
@@ -43,6 +44,15 @@ def test_apply_twice_then_revert(release_tree):
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
+
+    # 0.33 rewrote the executor's reply loop: its own version of 0001
+    manifest = patchset.read_manifest(release_tree)
+    assert manifest["patches"][0] == (
+        "0001-multiproc-executor-read-every-reply-0.33.patch"
+        if release_tree.name == "vllm-0.33.0" else
+        "0001-multiproc-executor-read-every-reply.patch")
+    for name in manifest["added"]:  # upstream files compile in verify()
+        compile((release_tree / name).read_text(), name, "exec")
 
     registry = (release_tree /
                 "vllm/model_executor/models/registry.py").read_text()
