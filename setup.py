@@ -43,8 +43,7 @@ class PatchedWheel(Command):
         base = os.environ.get("VLLM_BASE_WHEEL")
         with tempfile.TemporaryDirectory() as tmp:
             if base is None:
-                base = patchset.download_release_wheel(RELEASES[device],
-                                                       Path(tmp))
+                base = patchset.download_release_wheel(RELEASES[device], Path(tmp))
             wheel = patchset.wheel(Path(base), Path(self.dist_dir))
         print(f"wrote {wheel}")
 

@@ -48,19 +48,27 @@ def write_checkpoint(out: str, hidden: int, layers: int, stage: int):
     import deepspeed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=32000, hidden_size=hidden,
-                         intermediate_size=4 * hidden,
-                         num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 64,
-                         tie_word_embeddings=False)
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config={
-            "train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
-            "optimizer": {"type": "Adam",
-                          "params": {"lr": 1e-4, "torch_adam": True}},
-            "zero_optimization": {"stage": stage}})
+        model=model,
+        model_parameters=model.parameters(),
+        config={
+            "train_batch_size": 2,
+            "train_micro_batch_size_per_gpu": 1,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
+            "zero_optimization": {"stage": stage},
+        },
+    )
     ids = torch.randint(0, 32000, (1, 8))
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
@@ -69,19 +77,22 @@ def write_checkpoint(out: str, hidden: int, layers: int, stage: int):
         model.config.save_pretrained(out)
 
 
-def run_method(code: str, checkpoint: Path, out: Path,
-               shard: str) -> tuple[float, float]:
+def run_method(
+    code: str, checkpoint: Path, out: Path, shard: str
+) -> tuple[float, float]:
     """(seconds, peak RSS in GB) of `code` in a fresh process."""
     # imports first and untimed: importing vllm costs seconds and memory
     # that do not grow with the checkpoint (measured apart, below)
     first, _, work = code.strip().partition("\n")
-    program = (f"CKPT, OUT, SHARD = {str(checkpoint)!r}, {str(out)!r}, "
-               f"{shard!r}\n"
-               f"import time\n{first}\nstart = time.perf_counter()\n"
-               f"{work}\nprint(time.perf_counter() - start)\n")
-    process = subprocess.Popen([sys.executable, "-c", program],
-                               stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    program = (
+        f"CKPT, OUT, SHARD = {str(checkpoint)!r}, {str(out)!r}, "
+        f"{shard!r}\n"
+        f"import time\n{first}\nstart = time.perf_counter()\n"
+        f"{work}\nprint(time.perf_counter() - start)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
         raise RuntimeError(process.stderr.read().decode()[-3000:])
@@ -104,29 +115,46 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="consolidate-bench-"))
     try:
         checkpoint = work / "ckpt"
-        print(f"writing a ZeRO-{args.stage} checkpoint (hidden "
-              f"{args.hidden}, {args.layers} layers) with DeepSpeed ...",
-              flush=True)
+        print(
+            f"writing a ZeRO-{args.stage} checkpoint (hidden "
+            f"{args.hidden}, {args.layers} layers) with DeepSpeed ...",
+            flush=True,
+        )
         launcher = Path(sys.executable).parent / "deepspeed"
         writer = subprocess.run(
-            [str(launcher), "--num_gpus", "2", __file__, "--hidden",
-             str(args.hidden), "--layers", str(args.layers), "--stage",
-             str(args.stage), "--write", str(checkpoint)],
-            capture_output=True, text=True)
+            [
+                str(launcher),
+                "--num_gpus",
+                "2",
+                __file__,
+                "--hidden",
+                str(args.hidden),
+                "--layers",
+                str(args.layers),
+                "--stage",
+                str(args.stage),
+                "--write",
+                str(checkpoint),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if writer.returncode != 0:
-            sys.exit(f"DeepSpeed could not write the checkpoint (exit "
-                     f"{writer.returncode}; each of its two ranks holds the "
-                     "whole model and Adam's states while it trains, and "
-                     "the kernel kills it when memory runs out: try fewer "
-                     "--layers). Its last output:\n" +
-                     (writer.stdout + writer.stderr)[-2000:])
+            sys.exit(
+                f"DeepSpeed could not write the checkpoint (exit "
+                f"{writer.returncode}; each of its two ranks holds the "
+                "whole model and Adam's states while it trains, and "
+                "the kernel kills it when memory runs out: try fewer "
+                "--layers). Its last output:\n"
+                + (writer.stdout + writer.stderr)[-2000:]
+            )
         from safetensors import safe_open
+
         rows = []
         for index, (name, code) in enumerate(METHODS.items()):
             out = work / f"out{index}"
             print(f"  {name} ...", flush=True)
-            seconds, peak = run_method(code, checkpoint, out,
-                                       args.max_shard_size)
+            seconds, peak = run_method(code, checkpoint, out, args.max_shard_size)
             size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             largest = 0
             for shard in out.glob("*.safetensors"):
@@ -134,30 +162,38 @@ def main():
                     for key in file.keys():  # noqa: SIM118
                         shape = file.get_slice(key).get_shape()
                         largest = max(largest, 4 * math.prod(shape))
-            rows.append((name, seconds, size / 1e9 / seconds, peak, size,
-                         largest))
+            rows.append((name, seconds, size / 1e9 / seconds, peak, size, largest))
             shutil.rmtree(out)
         size, largest = rows[0][4], rows[0][5]
-        print(f"\nZeRO-{args.stage}, 2 ranks: {size / 1e9:.2f} GB of fp32 "
-              f"weights, largest tensor {largest / 1e9:.3f} GB, output "
-              f"shards of at most {args.max_shard_size}")
+        print(
+            f"\nZeRO-{args.stage}, 2 ranks: {size / 1e9:.2f} GB of fp32 "
+            f"weights, largest tensor {largest / 1e9:.3f} GB, output "
+            f"shards of at most {args.max_shard_size}"
+        )
         print(f"{'method':55s} {'s':>7s} {'GB/s':>6s} {'peak RSS GB':>12s}")
         for name, seconds, rate, peak, _, _ in rows:
             print(f"{name:55s} {seconds:7.1f} {rate:6.2f} {peak:12.2f}")
         imports = {}
         for name, code in METHODS.items():
             first = code.strip().partition("\n")[0]
-            process = subprocess.Popen([sys.executable, "-c", first],
-                                       stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-c", first],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             imports[name] = os.wait4(process.pid, 0)[2].ru_maxrss / 1e6
-        print("(seconds: the conversion alone; peak RSS: the whole process, "
-              "of which the imports alone take: " + ", ".join(
-                  f"{imports[name]:.2f} GB" for name in METHODS) + ")")
+        print(
+            "(seconds: the conversion alone; peak RSS: the whole process, "
+            "of which the imports alone take: "
+            + ", ".join(f"{imports[name]:.2f} GB" for name in METHODS)
+            + ")"
+        )
         ours = rows[0][3] - imports[next(iter(METHODS))]
-        print(f"vllm consolidate above its imports: {ours:.2f} GB; bound: "
-              f"largest tensor {largest / 1e9:.2f} GB + one output shard "
-              f"({args.max_shard_size}) + a constant")
+        print(
+            f"vllm consolidate above its imports: {ours:.2f} GB; bound: "
+            f"largest tensor {largest / 1e9:.2f} GB + one output shard "
+            f"({args.max_shard_size}) + a constant"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -30,23 +30,41 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/parallel_plans"))
 
-from interleaved_rounds import (parse_args, print_summary,  # noqa: E402
-                                ratio_text, run_rounds, start_engine,
-                                token_prompts)
+from interleaved_rounds import (
+    parse_args,
+    print_summary,
+    ratio_text,
+    run_rounds,
+    start_engine,
+    token_prompts,
+)
 from plain_llama import ARCH, LlamaConfig, build_plain_llama  # noqa: E402
 
 SIZES = {
     # Llama-3.2-1B's shape (its rope scaling left out, in both models)
-    "1b": LlamaConfig(vocab_size=128256, hidden_size=2048,
-                      num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=64,
-                      intermediate_size=8192, rms_norm_eps=1e-5,
-                      rope_theta=500000.0, max_position_embeddings=4096,
-                      tie_word_embeddings=True),
-    "small": LlamaConfig(vocab_size=8192, hidden_size=256,
-                         num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=64,
-                         intermediate_size=768, tie_word_embeddings=True),
+    "1b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+    "small": LlamaConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -55,20 +73,26 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--tensor-parallel-size", type=int, default=2)
     parser.add_argument("--pipeline-parallel-size", type=int, default=1)
-    parser.add_argument("--untied", action="store_true",
-                        help="a separate lm_head (colwise_rep) instead of "
-                        "one tied to the embedding")
+    parser.add_argument(
+        "--untied",
+        action="store_true",
+        help="a separate lm_head (colwise_rep) instead of one tied to the embedding",
+    )
     args = parse_args(parser)
     import torch
+
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     if not torch.cuda.is_available() and tp * pp > 1:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
-            str(rank % (os.cpu_count() or 1)) for rank in range(tp * pp)))
+        os.environ.setdefault(
+            "VLLM_CPU_OMP_THREADS_BIND",
+            "|".join(str(rank % (os.cpu_count() or 1)) for rank in range(tp * pp)),
+        )
     config = SIZES[args.size]
     if args.untied:
         config = replace(config, tie_word_embeddings=False)
 
     from vllm import ModelRegistry, SamplingParams
+
     ModelRegistry.register_model(ARCH, build_plain_llama)
     native = f"native Llama, TP={tp} PP={pp}"
     plan = f"plain Llama from plans, TP={tp} PP={pp}"
@@ -79,27 +103,35 @@ def main():
         engines[plan_tp1] = (ARCH, 1, 1)
 
     prompts = token_prompts(args.num_prompts, args.input_len)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0,
-                            ignore_eos=True, detokenize=False)
+    params = SamplingParams(
+        max_tokens=args.output_len, temperature=0.0, ignore_eos=True, detokenize=False
+    )
     llms, startup = {}, {}
     for name, (arch, engine_tp, engine_pp) in engines.items():
         llms[name], startup[name] = start_engine(
-            name, dict(asdict(config), architectures=[arch],
-                       model_type="llama", torch_dtype=args.dtype),
-            args, tensor_parallel_size=engine_tp,
-            pipeline_parallel_size=engine_pp)
+            name,
+            dict(
+                asdict(config),
+                architectures=[arch],
+                model_type="llama",
+                torch_dtype=args.dtype,
+            ),
+            args,
+            tensor_parallel_size=engine_tp,
+            pipeline_parallel_size=engine_pp,
+        )
 
-    rates = run_rounds(llms, prompts, params, args.rounds,
-                       args.warmup_rounds)
-    print(f"\n{args.size} (tie_word_embeddings={config.tie_word_embeddings})"
-          f": {args.num_prompts} prompts x {args.input_len} in / "
-          f"{args.output_len} out, {args.dtype}, eager={args.enforce_eager},"
-          f" {args.rounds} interleaved rounds after {args.warmup_rounds} "
-          "warm-up rounds")
+    rates = run_rounds(llms, prompts, params, args.rounds, args.warmup_rounds)
+    print(
+        f"\n{args.size} (tie_word_embeddings={config.tie_word_embeddings})"
+        f": {args.num_prompts} prompts x {args.input_len} in / "
+        f"{args.output_len} out, {args.dtype}, eager={args.enforce_eager},"
+        f" {args.rounds} interleaved rounds after {args.warmup_rounds} "
+        "warm-up rounds"
+    )
     print_summary(rates, startup, baseline=native, width=40)
     if plan_tp1 in rates:
-        print(f"{plan} vs {plan_tp1} per round: "
-              f"{ratio_text(rates, plan, plan_tp1)}")
+        print(f"{plan} vs {plan_tp1} per round: {ratio_text(rates, plan, plan_tp1)}")
 
 
 if __name__ == "__main__":

@@ -37,37 +37,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/torchtitan_qwen3"))
 
-from interleaved_rounds import (parse_args, print_summary,  # noqa: E402
-                                run_rounds, start_engine, token_prompts)
+from interleaved_rounds import (
+    parse_args,
+    print_summary,
+    run_rounds,
+    start_engine,
+    token_prompts,
+)
 from model import ARCH, Qwen3Config, build_qwen3  # noqa: E402
 
 SIZES = {
     # Qwen3-0.6B
     "0.6b": Qwen3Config(),
     # Qwen3-8B
-    "8b": Qwen3Config(hidden_size=4096, num_hidden_layers=36,
-                      num_attention_heads=32, num_key_value_heads=8,
-                      intermediate_size=12288, tie_word_embeddings=False),
-    "small": Qwen3Config(vocab_size=8192, hidden_size=256,
-                         num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=64,
-                         intermediate_size=768, max_position_embeddings=2048),
+    "8b": Qwen3Config(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=12288,
+        tie_word_embeddings=False,
+    ),
+    "small": Qwen3Config(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        max_position_embeddings=2048,
+    ),
 }
 NATIVE = "native Qwen3ForCausalLM"
 
 
 def hf_config(arch: str, config: Qwen3Config, dtype: str) -> dict:
     """The config.json of a Qwen3 of this shape, served as `arch`."""
-    return dict(asdict(config), architectures=[arch], model_type="qwen3",
-                torch_dtype=dtype)
+    return dict(
+        asdict(config), architectures=[arch], model_type="qwen3", torch_dtype=dtype
+    )
 
 
 def write_config(path: Path, arch: str, config: Qwen3Config, dtype: str):
     """A model directory holding only that config.json (for dummy weights);
     the weight-sync and log-prob benchmarks start their engines on it."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text(
-        json.dumps(hf_config(arch, config, dtype)))
+    (path / "config.json").write_text(json.dumps(hf_config(arch, config, dtype)))
 
 
 def variant(supports_torch_compile=True, use_vllm_linear_method=True):
@@ -81,7 +97,7 @@ def variant(supports_torch_compile=True, use_vllm_linear_method=True):
 
 KERNEL_GROUPS = {
     "GEMM": r"gemm|cutlass|xmma|nvjet|cublas|matmul|splitk|aten::mm|addmm|"
-            r"onednn_mm|packed_linear",
+    r"onednn_mm|packed_linear",
     "attention": r"flash|attn|attention|fmha",
 }
 
@@ -102,20 +118,29 @@ def kernel_summary(table_file: Path, top: int) -> str:
     total = sum(t for _, t, _ in rows) or 1.0
     groups = dict.fromkeys([*KERNEL_GROUPS, "other"], 0.0)
     for name, seconds, _ in rows:
-        group = next((g for g, pattern in KERNEL_GROUPS.items()
-                      if re.search(pattern, name, re.I)), "other")
+        group = next(
+            (
+                g
+                for g, pattern in KERNEL_GROUPS.items()
+                if re.search(pattern, name, re.I)
+            ),
+            "other",
+        )
         groups[group] += seconds
-    lines = ["  " + ", ".join(f"{g} {t * 1e3:.1f} ms ({t / total:.0%})"
-                              for g, t in groups.items())]
+    lines = [
+        "  "
+        + ", ".join(
+            f"{g} {t * 1e3:.1f} ms ({t / total:.0%})" for g, t in groups.items()
+        )
+    ]
     for name, seconds, calls in rows[:top]:
-        lines.append(f"    {seconds * 1e3:8.2f} ms {calls:6d} calls  "
-                     f"{name[:90]}")
+        lines.append(f"    {seconds * 1e3:8.2f} ms {calls:6d} calls  {name[:90]}")
     return "\n".join(lines)
 
 
 def _seconds(text: str) -> float:
     unit = re.search(r"(us|ms|s)$", text)[1]
-    return float(text[:-len(unit)]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    return float(text[: -len(unit)]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
 
 
 def main():
@@ -124,12 +149,17 @@ def main():
     parser.add_argument("--ours-no-compile", action="store_true")
     parser.add_argument("--ours-torch-linear", action="store_true")
     parser.add_argument("--ours-undeclared", action="store_true")
-    parser.add_argument("--profile-dir", type=Path, default=None,
-                        help="profile one generate() per engine into DIR")
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="profile one generate() per engine into DIR",
+    )
     parser.add_argument("--profile-prompts", type=int, default=64)
     args = parse_args(parser)
 
     from vllm import ModelRegistry, SamplingParams
+
     compile_ours = not args.ours_no_compile
     # name: (architecture, factory to register)
     engines = {
@@ -138,15 +168,21 @@ def main():
     }
     if args.ours_undeclared:
         engines["TorchTitan Qwen3, lambda, no attributes"] = (
-            ARCH + "Lambda", lambda vllm_config, parallel_context:
-            build_qwen3(vllm_config, parallel_context))
+            ARCH + "Lambda",
+            lambda vllm_config, parallel_context: build_qwen3(
+                vllm_config, parallel_context
+            ),
+        )
     if args.ours_torch_linear:
         engines["TorchTitan Qwen3, torch nn.Linear"] = (
-            ARCH + "TorchLinear", variant(compile_ours, False))
+            ARCH + "TorchLinear",
+            variant(compile_ours, False),
+        )
 
     prompts = token_prompts(args.num_prompts, args.input_len)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0,
-                            ignore_eos=True, detokenize=False)
+    params = SamplingParams(
+        max_tokens=args.output_len, temperature=0.0, ignore_eos=True, detokenize=False
+    )
     llms, startup = {}, {}
     for index, (name, (arch, factory)) in enumerate(engines.items()):
         if factory is not None:
@@ -156,36 +192,47 @@ def main():
             profiler_config = {
                 "profiler": "torch",
                 "torch_profiler_dir": str(args.profile_dir / str(index)),
-                "torch_profiler_with_stack": False}
+                "torch_profiler_with_stack": False,
+            }
         llms[name], startup[name] = start_engine(
-            name, hf_config(arch, SIZES[args.size], args.dtype), args,
-            profiler_config=profiler_config)
+            name,
+            hf_config(arch, SIZES[args.size], args.dtype),
+            args,
+            profiler_config=profiler_config,
+        )
 
-    rates = run_rounds(llms, prompts, params, args.rounds,
-                       args.warmup_rounds)
-    print(f"\n{args.size}: {args.num_prompts} prompts x {args.input_len} in "
-          f"/ {args.output_len} out, {args.dtype}, eager="
-          f"{args.enforce_eager}, generic model compiled={compile_ours}, "
-          f"{args.rounds} interleaved rounds after {args.warmup_rounds} "
-          "warm-up rounds")
+    rates = run_rounds(llms, prompts, params, args.rounds, args.warmup_rounds)
+    print(
+        f"\n{args.size}: {args.num_prompts} prompts x {args.input_len} in "
+        f"/ {args.output_len} out, {args.dtype}, eager="
+        f"{args.enforce_eager}, generic model compiled={compile_ours}, "
+        f"{args.rounds} interleaved rounds after {args.warmup_rounds} "
+        "warm-up rounds"
+    )
     print_summary(rates, startup, baseline=NATIVE)
 
     if args.profile_dir:
-        profile_prompts = prompts[:args.profile_prompts]
+        profile_prompts = prompts[: args.profile_prompts]
         for index, name in enumerate(llms):
             llms[name].start_profile()
             llms[name].generate(profile_prompts, params, use_tqdm=False)
             llms[name].stop_profile()
             # rank 0's table: profiler_out_0.txt (vLLM 0.26), or
             # rank0.profiler_out.txt (0.32)
-            tables = [args.profile_dir / str(index) / name
-                      for name in ("profiler_out_0.txt",
-                                   "rank0.profiler_out.txt")]
+            tables = [
+                args.profile_dir / str(index) / name
+                for name in ("profiler_out_0.txt", "rank0.profiler_out.txt")
+            ]
             tables = [table for table in tables if table.exists()]
-            print(f"\nprofile of {name}: {len(profile_prompts)} prompts, "
-                  "self time by kernel")
-            print(kernel_summary(tables[0], top=12) if tables else
-                  "  (no profiler table written)")
+            print(
+                f"\nprofile of {name}: {len(profile_prompts)} prompts, "
+                "self time by kernel"
+            )
+            print(
+                kernel_summary(tables[0], top=12)
+                if tables
+                else "  (no profiler table written)"
+            )
 
 
 if __name__ == "__main__":

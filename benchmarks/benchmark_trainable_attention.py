@@ -17,21 +17,22 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vllm.model_executor.layers import trainable_attention
-from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention)
+from vllm.model_executor.layers.trainable_attention import TrainableFlashAttention
 
 
 def make_inputs(lengths, heads, kv_heads, head_dim):
     total = sum(lengths)
-    make = lambda h: torch.randn(total, h, head_dim, device="cuda",
-                                 dtype=torch.bfloat16, requires_grad=True)
+    make = lambda h: torch.randn(
+        total, h, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).int()
     return make(heads), make(kv_heads), make(kv_heads), cu
 
 
 def run_trainable(q, k, v, cu, lengths, grad):
-    attn = TrainableFlashAttention(q.shape[1], q.shape[2], k.shape[1],
-                                   training_backend="flash")
+    attn = TrainableFlashAttention(
+        q.shape[1], q.shape[2], k.shape[1], training_backend="flash"
+    )
     out = attn(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths))
     out.backward(grad)
 
@@ -40,20 +41,22 @@ def run_sdpa_per_seq(q, k, v, cu, lengths, grad):
     bounds = cu.tolist()
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            qs, ks, vs = (t[start:end].transpose(0, 1)[None]
-                          for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
-                                                 enable_gqa=True)
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+            out = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, enable_gqa=True
+            )
             out.backward(grad[start:end].transpose(0, 1)[None])
 
 
 def run_sdpa_padded(q, k, v, cu, lengths, grad):
     batch, seq = len(lengths), max(lengths)
     pad = lambda t: torch.nn.utils.rnn.pad_sequence(
-        list(t.split(lengths)), batch_first=True).transpose(1, 2)
+        list(t.split(lengths)), batch_first=True
+    ).transpose(1, 2)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v),
-                                             is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            pad(q), pad(k), pad(v), is_causal=True, enable_gqa=True
+        )
     out.backward(pad(grad))
     del batch, seq
 
@@ -86,9 +89,12 @@ def flops(lengths, heads, head_dim):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        default=[512, 8192, 1024, 4096, 2048, 3072, 768,
-                                 6144])
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[512, 8192, 1024, 4096, 2048, 3072, 768, 6144],
+    )
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -97,9 +103,11 @@ def main():
     lengths = args.lengths
     inputs = make_inputs(lengths, args.heads, args.kv_heads, args.head_dim)
     work = flops(lengths, args.heads, args.head_dim)
-    print(f"workload: {len(lengths)} sequences {lengths}, {args.heads} heads "
-          f"/ {args.kv_heads} KV heads, head_dim {args.head_dim}, bf16, "
-          f"{torch.cuda.get_device_name()}")
+    print(
+        f"workload: {len(lengths)} sequences {lengths}, {args.heads} heads "
+        f"/ {args.kv_heads} KV heads, head_dim {args.head_dim}, bf16, "
+        f"{torch.cuda.get_device_name()}"
+    )
     results = {}
     kernels = ["trainable (vllm_flash_attn fwd)", "trainable (aten fwd)"]
     original = trainable_attention._vllm_flash_varlen
@@ -110,19 +118,27 @@ def main():
             continue
         results[name] = measure(run_trainable, inputs, lengths, args.iters)
         trainable_attention._vllm_flash_varlen = original
-    results["sdpa per-seq (flash)"] = measure(run_sdpa_per_seq, inputs,
-                                              lengths, args.iters)
-    results["sdpa padded (flash)"] = measure(run_sdpa_padded, inputs, lengths,
-                                             args.iters)
+    results["sdpa per-seq (flash)"] = measure(
+        run_sdpa_per_seq, inputs, lengths, args.iters
+    )
+    results["sdpa padded (flash)"] = measure(
+        run_sdpa_padded, inputs, lengths, args.iters
+    )
     baseline_ms, baseline_mb = results["sdpa per-seq (flash)"]
-    print(f"{'path':34s} {'ms':>8s} {'TFLOP/s':>8s} {'peak MiB':>9s} "
-          f"{'speed vs sdpa':>14s} {'mem vs sdpa':>12s}")
+    print(
+        f"{'path':34s} {'ms':>8s} {'TFLOP/s':>8s} {'peak MiB':>9s} "
+        f"{'speed vs sdpa':>14s} {'mem vs sdpa':>12s}"
+    )
     for name, (ms, mb) in results.items():
-        print(f"{name:34s} {ms:8.3f} {work / ms / 1e9:8.1f} {mb:9.1f} "
-              f"{baseline_ms / ms:14.3f} {mb / baseline_mb:12.3f}")
+        print(
+            f"{name:34s} {ms:8.3f} {work / ms / 1e9:8.1f} {mb:9.1f} "
+            f"{baseline_ms / ms:14.3f} {mb / baseline_mb:12.3f}"
+        )
 
-    print("\npeak memory of one sequence's fwd+bwd (trainable, aten fwd): "
-          "linear in length means no S^2 term")
+    print(
+        "\npeak memory of one sequence's fwd+bwd (trainable, aten fwd): "
+        "linear in length means no S^2 term"
+    )
     trainable_attention._vllm_flash_varlen = lambda: None
     previous = None
     for seq in (2048, 4096, 8192, 16384, 32768):

@@ -56,8 +56,7 @@ def weight_checksums(model) -> dict[str, float]:
     """Runs in each worker: the sum of each parameter, in float64, named
     as the trainer's module names it."""
     module = getattr(model, "model", model)  # the factory's module in vLLM
-    return {name: p.double().sum().item()
-            for name, p in module.named_parameters()}
+    return {name: p.double().sum().item() for name, p in module.named_parameters()}
 
 
 def push_by_ipc(llm, trainer) -> None:
@@ -65,25 +64,30 @@ def push_by_ipc(llm, trainer) -> None:
     from dataclasses import asdict
 
     from vllm.distributed.weight_transfer.ipc_engine import (
-        IPCTrainerSendWeightsArgs, IPCWeightTransferEngine)
+        IPCTrainerSendWeightsArgs,
+        IPCWeightTransferEngine,
+    )
+
     llm.start_weight_update()
     IPCWeightTransferEngine.trainer_send_weights(
         trainer.named_parameters(),
-        IPCTrainerSendWeightsArgs(send_mode=lambda info: llm.update_weights(
-            {"update_info": asdict(info)})))
+        IPCTrainerSendWeightsArgs(
+            send_mode=lambda info: llm.update_weights({"update_info": asdict(info)})
+        ),
+    )
     llm.finish_weight_update()
 
 
-def copy_limit_seconds(state: dict[str, torch.Tensor], source: str,
-                       target: str) -> float:
+def copy_limit_seconds(
+    state: dict[str, torch.Tensor], source: str, target: str
+) -> float:
     """One copy of the same bytes from `source` to `target` memory ("cpu"
     or "cuda"; host memory pinned when copied to the GPU): the bound a push
     path has to pay."""
     if source == "cuda":
         inputs = [t.cuda() for t in state.values()]
     else:
-        inputs = [t.pin_memory() if target == "cuda" else t
-                  for t in state.values()]
+        inputs = [t.pin_memory() if target == "cuda" else t for t in state.values()]
     outputs = [torch.empty_like(t, device=target) for t in inputs]
     if "cuda" in (source, target):
         torch.cuda.synchronize()
@@ -101,20 +105,23 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
-    parser.add_argument("--no-ipc", action="store_true",
-                        help="CUDA: skip the weight-transfer engine path")
+    parser.add_argument(
+        "--no-ipc",
+        action="store_true",
+        help="CUDA: skip the weight-transfer engine path",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
     dtype = getattr(torch, args.dtype)
 
     from vllm import LLM, ModelRegistry
+
     ModelRegistry.register_model(ARCH, build_qwen3)
     config = SIZES[args.size]
     torch.manual_seed(0)
     trainer = Qwen3Model(config).to(dtype)  # stands in for the trainer's
-    state = {name: p.detach().contiguous()
-             for name, p in trainer.named_parameters()}
+    state = {name: p.detach().contiguous() for name, p in trainer.named_parameters()}
     total_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,12 +131,16 @@ def main():
         use_ipc = device == "cuda" and not args.no_ipc
 
         def start_engine():
-            extra = ({"weight_transfer_config": {"backend": "ipc"}}
-                     if use_ipc else {})
-            return LLM(model=str(model_dir), load_format="dummy",
-                       skip_tokenizer_init=True, dtype=args.dtype,
-                       max_model_len=512, gpu_memory_utilization=memory,
-                       **extra)
+            extra = {"weight_transfer_config": {"backend": "ipc"}} if use_ipc else {}
+            return LLM(
+                model=str(model_dir),
+                load_format="dummy",
+                skip_tokenizer_init=True,
+                dtype=args.dtype,
+                max_model_len=512,
+                gpu_memory_utilization=memory,
+                **extra,
+            )
 
         start = time.perf_counter()
         llm = start_engine()
@@ -140,11 +151,14 @@ def main():
         for index in range(args.rounds + 1):  # the first one warms up
             start = time.perf_counter()
             loaded = llm.apply_model(
-                functools.partial(load_pushed_weights, weights=state))
+                functools.partial(load_pushed_weights, weights=state)
+            )
             llm.reset_prefix_cache()
             pushes.append(time.perf_counter() - start)
-            print(f"push {index}{' (warm-up)' if index == 0 else ''}: "
-                  f"{pushes[-1]:.3f} s", flush=True)
+            print(
+                f"push {index}{' (warm-up)' if index == 0 else ''}: {pushes[-1]:.3f} s",
+                flush=True,
+            )
         assert loaded == [len(state)], loaded
         pushes = pushes[1:]
 
@@ -163,16 +177,20 @@ def main():
                     push_by_ipc(llm, on_gpu)
                     llm.reset_prefix_cache()
                     ipc_pushes.append(time.perf_counter() - start)
-                    print(f"IPC push {index}"
-                          f"{' (warm-up)' if index == 0 else ''}: "
-                          f"{ipc_pushes[-1]:.3f} s", flush=True)
+                    print(
+                        f"IPC push {index}"
+                        f"{' (warm-up)' if index == 0 else ''}: "
+                        f"{ipc_pushes[-1]:.3f} s",
+                        flush=True,
+                    )
                 ipc_pushes = ipc_pushes[1:]
                 # the engine holds what the trainer sent
                 expected = weight_checksums(on_gpu)
                 got = llm.apply_model(weight_checksums)[0]
                 ipc_verified = got.keys() == expected.keys() and all(
-                    abs(got[name] - value) <= 1e-6 * (
-                        1 + abs(value)) for name, value in expected.items())
+                    abs(got[name] - value) <= 1e-6 * (1 + abs(value))
+                    for name, value in expected.items()
+                )
             except Exception as error:  # reported in the table
                 ipc_error = f"{type(error).__name__}: {error}"
                 print(f"IPC push failed: {ipc_error}", flush=True)
@@ -188,35 +206,49 @@ def main():
     limit = min(copy_limit_seconds(state, "cpu", device) for _ in range(3))
     push = statistics.median(pushes)
     gigabytes = total_bytes / 1e9
-    print(f"\n{args.size} ({sum(t.numel() for t in state.values()) / 1e6:.0f}M"
-          f" parameters, {args.dtype}, {gigabytes:.3f} GB) on {device}, "
-          f"{args.rounds} pushes after one warm-up")
+    print(
+        f"\n{args.size} ({sum(t.numel() for t in state.values()) / 1e6:.0f}M"
+        f" parameters, {args.dtype}, {gigabytes:.3f} GB) on {device}, "
+        f"{args.rounds} pushes after one warm-up"
+    )
     print(f"{'path':52s} {'seconds':>9s} {'GB/s':>8s}")
-    print(f"{'push, LLM.apply_model + load_weights (median)':52s} "
-          f"{push:9.3f} {gigabytes / push:8.2f}   "
-          f"(min {min(pushes):.3f}, max {max(pushes):.3f})")
-    print(f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
-          f"{restart:9.3f}          (first start {first_start:.1f} s)")
+    print(
+        f"{'push, LLM.apply_model + load_weights (median)':52s} "
+        f"{push:9.3f} {gigabytes / push:8.2f}   "
+        f"(min {min(pushes):.3f}, max {max(pushes):.3f})"
+    )
+    print(
+        f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
+        f"{restart:9.3f}          (first start {first_start:.1f} s)"
+    )
     if use_ipc and ipc_pushes:
         ipc = statistics.median(ipc_pushes)
-        print(f"{'push, CUDA-IPC weight-transfer engine (median)':52s} "
-              f"{ipc:9.3f} {gigabytes / ipc:8.2f}   "
-              f"(min {min(ipc_pushes):.3f}, max {max(ipc_pushes):.3f})")
-        print(f"  engine's weights after the IPC pushes equal the trainer's:"
-              f" {ipc_verified}")
+        print(
+            f"{'push, CUDA-IPC weight-transfer engine (median)':52s} "
+            f"{ipc:9.3f} {gigabytes / ipc:8.2f}   "
+            f"(min {min(ipc_pushes):.3f}, max {max(ipc_pushes):.3f})"
+        )
+        print(
+            f"  engine's weights after the IPC pushes equal the trainer's:"
+            f" {ipc_verified}"
+        )
     elif use_ipc:
-        print(f"{'push, CUDA-IPC weight-transfer engine':52s} failed: "
-              f"{ipc_error}")
+        print(f"{'push, CUDA-IPC weight-transfer engine':52s} failed: {ipc_error}")
     copy = "pinned host -> GPU" if device == "cuda" else "host -> host"
-    print(f"{'physical limit: one ' + copy + ' copy of the bytes':52s} "
-          f"{limit:9.3f} {gigabytes / limit:8.2f}")
+    print(
+        f"{'physical limit: one ' + copy + ' copy of the bytes':52s} "
+        f"{limit:9.3f} {gigabytes / limit:8.2f}"
+    )
     if use_ipc:
-        gpu_limit = min(copy_limit_seconds(state, "cuda", "cuda")
-                        for _ in range(3))
-        print(f"{'physical limit: one GPU -> GPU copy of the bytes':52s} "
-              f"{gpu_limit:9.3f} {gigabytes / gpu_limit:8.2f}")
-    print(f"push vs restart: {restart / push:.1f}x faster; push reaches "
-          f"{limit / push:.1%} of the copy limit")
+        gpu_limit = min(copy_limit_seconds(state, "cuda", "cuda") for _ in range(3))
+        print(
+            f"{'physical limit: one GPU -> GPU copy of the bytes':52s} "
+            f"{gpu_limit:9.3f} {gigabytes / gpu_limit:8.2f}"
+        )
+    print(
+        f"push vs restart: {restart / push:.1f}x faster; push reaches "
+        f"{limit / push:.1%} of the copy limit"
+    )
 
 
 if __name__ == "__main__":

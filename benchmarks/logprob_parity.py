@@ -31,10 +31,10 @@ differs, for the prompt (prefill) and for the next token (decode).
 
 import argparse
 import functools
-from collections import Counter
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -49,7 +49,8 @@ from benchmark_torchtitan_qwen3 import SIZES, write_config  # noqa: E402
 from model import ARCH, Qwen3Model, build_qwen3  # noqa: E402
 
 from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
-    pack_sequences)
+    pack_sequences,
+)
 
 # ------------------------------------------------- run inside each worker
 
@@ -70,9 +71,11 @@ def add_hooks(model, only=None):
             output = output[0]
         captured.setdefault(name, []).append(output.detach().float().cpu())
 
-    handles = [child.register_forward_hook(functools.partial(record, name))
-               for name, child in module.named_modules()
-               if name and (only is None or name in only)]
+    handles = [
+        child.register_forward_hook(functools.partial(record, name))
+        for name, child in module.named_modules()
+        if name and (only is None or name in only)
+    ]
     model.parity_trace = (captured, handles)
     return len(handles)
 
@@ -89,8 +92,7 @@ def take_hooks(model):
 
 
 def torch_token_logprobs(logits, token_ids):
-    return torch.log_softmax(logits.float(), dim=-1).gather(
-        1, token_ids[:, None])[:, 0]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, token_ids[:, None])[:, 0]
 
 
 def vllm_token_logprobs(logits, token_ids):
@@ -98,20 +100,23 @@ def vllm_token_logprobs(logits, token_ids):
     log-probabilities with: its own max and sum of exponentials over
     1024-wide blocks, another summation order than torch's log_softmax."""
     from vllm.v1.worker.gpu.sample.logprob import compute_token_logprobs
+
     return compute_token_logprobs(logits.float(), token_ids[:, None])[:, 0]
 
 
-def trainer_logprobs(model, sequences, prompt_len, device,
-                     token_logprobs=torch_token_logprobs):
+def trainer_logprobs(
+    model, sequences, prompt_len, device, token_logprobs=torch_token_logprobs
+):
     """Log-probabilities of every sequence's generated tokens, recomputed
     with all sequences packed into one varlen batch."""
     input_ids, positions, cu_seqlens = pack_sequences(sequences, device)
     with torch.no_grad():
         logits = model.compute_logits(
-            model(input_ids, positions, cu_seqlens=cu_seqlens))
+            model(input_ids, positions, cu_seqlens=cu_seqlens)
+        )
     result, start = [], 0
     for sequence in sequences:
-        rows = logits[start + prompt_len - 1:start + len(sequence) - 1]
+        rows = logits[start + prompt_len - 1 : start + len(sequence) - 1]
         targets = torch.tensor(sequence[prompt_len:], device=device)
         result.append(token_logprobs(rows, targets).cpu())
         start += len(sequence)
@@ -128,7 +133,7 @@ def first_difference(vllm_outputs, trainer_outputs, rows):
         a, b = ours[rows], theirs
         # vLLM computes logits for the sampled positions only
         n = min(len(a), len(b))
-        a, b = a[len(a) - n:], b[:n] if len(b) > len(a) else b[len(b) - n:]
+        a, b = a[len(a) - n :], b[:n] if len(b) > len(a) else b[len(b) - n :]
         if a.shape != b.shape or not torch.equal(a, b):
             diff = (a - b).abs().max().item() if a.shape == b.shape else None
             return name, diff
@@ -139,25 +144,28 @@ def trace(llm, model, prompt, sampling_params_cls, device):
     """The first module whose output differs, in the prompt's prefill and in
     the decode step that follows it."""
     llm.apply_model(functools.partial(add_hooks))
-    llm.generate([{"prompt_token_ids": prompt}],
-                 sampling_params_cls(max_tokens=2, temperature=0.0,
-                                     ignore_eos=True, detokenize=False),
-                 use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": prompt}],
+        sampling_params_cls(
+            max_tokens=2, temperature=0.0, ignore_eos=True, detokenize=False
+        ),
+        use_tqdm=False,
+    )
     captured = llm.apply_model(functools.partial(take_hooks))[0]
     prefill = {name: calls[0] for name, calls in captured.items()}
-    decode = {name: calls[1] for name, calls in captured.items()
-              if len(calls) > 1}
+    decode = {name: calls[1] for name, calls in captured.items() if len(calls) > 1}
 
     add_hooks(model)
     # the prompt plus vLLM's first greedy token, as one training sequence
     first_token = int(captured["output"][0][-1].argmax())
     full = prompt + [first_token]
     trainer_logprobs(model, [full], len(full) - 1, device)
-    trainer_captured = {name: calls[0]
-                        for name, calls in take_hooks(model).items()}
+    trainer_captured = {name: calls[0] for name, calls in take_hooks(model).items()}
     n = len(prompt)
-    return (first_difference(prefill, trainer_captured, slice(0, n)),
-            first_difference(decode, trainer_captured, slice(n, n + 1)))
+    return (
+        first_difference(prefill, trainer_captured, slice(0, n)),
+        first_difference(decode, trainer_captured, slice(n, n + 1)),
+    )
 
 
 def build_trainer(config, device, dtype, init_std, cpu_built=False):
@@ -188,8 +196,10 @@ def match_generator_kernel(trainer, llm, flash_attn_version):
     """Switch the trainer's attention to the kernel the engine runs: its KV
     cache's block size and its flash-attention version."""
     from vllm.model_executor.layers.trainable_attention import (
-        use_generator_attention_kernel)
+        use_generator_attention_kernel,
+    )
     from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     # the engine's choice: the configured version, else the platform's
     version = flash_attn_version or get_flash_attn_version()
@@ -207,133 +217,196 @@ def main():
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--flash-attn-version", type=int, default=None)
     parser.add_argument("--trace", action="store_true")
-    parser.add_argument("--trace-hidden", action="store_true",
-                        help="compare every final hidden state vLLM "
-                        "computed, whole batch, with the trainer's")
-    parser.add_argument("--vllm-logprobs", action="store_true",
-                        help="CUDA: the trainer takes log-probabilities from "
-                        "logits with the kernel vLLM's model runner uses, "
-                        "instead of torch.log_softmax")
-    parser.add_argument("--cpu-built-trainer", action="store_true",
-                        help="build the trainer's module on the CPU and "
-                        "move it with .to(device, dtype) (see build_trainer)")
-    parser.add_argument("--generator-kernel", action="store_true",
-                        help="CUDA: the trainer's attention runs vLLM's "
-                        "paged-KV flash kernel (use_generator_attention_"
-                        "kernel)")
-    parser.add_argument("--init-std", type=float, default=0.02,
-                        help="normal init of every weight matrix, at a "
-                        "trained model's scale (0 keeps PyTorch's defaults)")
+    parser.add_argument(
+        "--trace-hidden",
+        action="store_true",
+        help="compare every final hidden state vLLM "
+        "computed, whole batch, with the trainer's",
+    )
+    parser.add_argument(
+        "--vllm-logprobs",
+        action="store_true",
+        help="CUDA: the trainer takes log-probabilities from "
+        "logits with the kernel vLLM's model runner uses, "
+        "instead of torch.log_softmax",
+    )
+    parser.add_argument(
+        "--cpu-built-trainer",
+        action="store_true",
+        help="build the trainer's module on the CPU and "
+        "move it with .to(device, dtype) (see build_trainer)",
+    )
+    parser.add_argument(
+        "--generator-kernel",
+        action="store_true",
+        help="CUDA: the trainer's attention runs vLLM's "
+        "paged-KV flash kernel (use_generator_attention_"
+        "kernel)",
+    )
+    parser.add_argument(
+        "--init-std",
+        type=float,
+        default=0.02,
+        help="normal init of every weight matrix, at a "
+        "trained model's scale (0 keeps PyTorch's defaults)",
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
     if args.trace_hidden and not args.enforce_eager:
-        parser.error("--trace-hidden needs --enforce-eager: forward hooks do "
-                     "not run inside vLLM's compiled graph")
+        parser.error(
+            "--trace-hidden needs --enforce-eager: forward hooks do "
+            "not run inside vLLM's compiled graph"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
     dtype = getattr(torch, args.dtype)
     batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
 
     from vllm import LLM, ModelRegistry, SamplingParams
+
     if batch_invariant:  # the trainer's ops under the same settings
-        from vllm.model_executor.layers.batch_invariant import (
-            init_batch_invariance)
+        from vllm.model_executor.layers.batch_invariant import init_batch_invariance
+
         init_batch_invariance()
     ModelRegistry.register_model(ARCH, build_qwen3)
     config = SIZES[args.size]
-    trainer = build_trainer(config, device, dtype, args.init_std,
-                            args.cpu_built_trainer)
-    weights = {name: p.detach().cpu()
-               for name, p in trainer.named_parameters()}
+    trainer = build_trainer(
+        config, device, dtype, args.init_std, args.cpu_built_trainer
+    )
+    weights = {name: p.detach().cpu() for name, p in trainer.named_parameters()}
 
     generator = torch.Generator().manual_seed(1)
-    prompts = torch.randint(10, config.vocab_size,
-                            (args.num_prompts, args.prompt_len),
-                            generator=generator).tolist()
-    extra = ({"attention_config": {
-        "flash_attn_version": args.flash_attn_version}}
-             if args.flash_attn_version else {})
+    prompts = torch.randint(
+        10, config.vocab_size, (args.num_prompts, args.prompt_len), generator=generator
+    ).tolist()
+    extra = (
+        {"attention_config": {"flash_attn_version": args.flash_attn_version}}
+        if args.flash_attn_version
+        else {}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         write_config(model_dir, ARCH, config, args.dtype)
-        llm = LLM(model=str(model_dir), load_format="dummy",
-                  skip_tokenizer_init=True, dtype=args.dtype, seed=0,
-                  max_model_len=args.prompt_len + args.output_len + 16,
-                  gpu_memory_utilization=memory,
-                  enforce_eager=args.enforce_eager,
-                  enable_prefix_caching=False, **extra)
-        loaded = llm.apply_model(functools.partial(push_weights,
-                                                   weights=weights))
+        llm = LLM(
+            model=str(model_dir),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            dtype=args.dtype,
+            seed=0,
+            max_model_len=args.prompt_len + args.output_len + 16,
+            gpu_memory_utilization=memory,
+            enforce_eager=args.enforce_eager,
+            enable_prefix_caching=False,
+            **extra,
+        )
+        loaded = llm.apply_model(functools.partial(push_weights, weights=weights))
         kernel = None
         if args.generator_kernel:
-            kernel = match_generator_kernel(trainer, llm,
-                                            args.flash_attn_version)
+            kernel = match_generator_kernel(trainer, llm, args.flash_attn_version)
         assert set(loaded) == {len(weights)}, loaded
         if args.trace_hidden:
-            llm.apply_model(functools.partial(add_hooks, only=("norm", )))
+            llm.apply_model(functools.partial(add_hooks, only=("norm",)))
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
-            SamplingParams(max_tokens=args.output_len, temperature=1.0,
-                           seed=0, logprobs=0, ignore_eos=True,
-                           detokenize=False), use_tqdm=False)
+            SamplingParams(
+                max_tokens=args.output_len,
+                temperature=1.0,
+                seed=0,
+                logprobs=0,
+                ignore_eos=True,
+                detokenize=False,
+            ),
+            use_tqdm=False,
+        )
         sequences, generator_logprobs = [], []
         for prompt, output in zip(prompts, outputs):
             sample = output.outputs[0]
             sequences.append(prompt + list(sample.token_ids))
-            generator_logprobs.append(torch.tensor(
-                [entry[token].logprob
-                 for entry, token in zip(sample.logprobs, sample.token_ids)]))
-        vllm_hidden = (torch.cat(llm.apply_model(
-            functools.partial(take_hooks))[0]["norm"])
-                       if args.trace_hidden else None)
-        first_differences = (trace(llm, trainer, prompts[0], SamplingParams,
-                                   device) if args.trace else None)
+            generator_logprobs.append(
+                torch.tensor(
+                    [
+                        entry[token].logprob
+                        for entry, token in zip(sample.logprobs, sample.token_ids)
+                    ]
+                )
+            )
+        vllm_hidden = (
+            torch.cat(llm.apply_model(functools.partial(take_hooks))[0]["norm"])
+            if args.trace_hidden
+            else None
+        )
+        first_differences = (
+            trace(llm, trainer, prompts[0], SamplingParams, device)
+            if args.trace
+            else None
+        )
         llm.llm_engine.engine_core.shutdown()
 
     if args.trace_hidden:
-        add_hooks(trainer, only=("norm", ))
+        add_hooks(trainer, only=("norm",))
     trained = trainer_logprobs(
-        trainer, sequences, args.prompt_len, device,
-        vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs)
-    trainer_hidden = (take_hooks(trainer)["norm"][0]
-                      if args.trace_hidden else None)
-    diff = torch.cat([(a - b).abs() for a, b in zip(trained,
-                                                    generator_logprobs)])
-    mode = ", ".join(filter(None, [
-        "batch-invariant" if batch_invariant else None,
-        "eager" if args.enforce_eager else "compiled",
-        f"FA{args.flash_attn_version}" if args.flash_attn_version else None,
-        f"trainer attention: vLLM's FA{kernel[1]} over {kernel[0]}-token "
-        "pages" if kernel else None,
-        "trainer built on the CPU" if args.cpu_built_trainer else None,
-        "log-probabilities by vLLM's kernel" if args.vllm_logprobs else None
-    ]))
-    print(f"\n{args.size}, {args.dtype} on {device} ({mode}, init std "
-          f"{args.init_std or 'default'}): "
-          f"{args.num_prompts} prompts x {args.output_len} sampled tokens")
-    print(f"|vLLM logprob - trainer logprob|: max {diff.max():.3e}, "
-          f"mean {diff.mean():.3e}; bitwise equal "
-          f"{(diff == 0).float().mean():.1%} of {diff.numel()} tokens")
+        trainer,
+        sequences,
+        args.prompt_len,
+        device,
+        vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs,
+    )
+    trainer_hidden = take_hooks(trainer)["norm"][0] if args.trace_hidden else None
+    diff = torch.cat([(a - b).abs() for a, b in zip(trained, generator_logprobs)])
+    mode = ", ".join(
+        filter(
+            None,
+            [
+                "batch-invariant" if batch_invariant else None,
+                "eager" if args.enforce_eager else "compiled",
+                f"FA{args.flash_attn_version}" if args.flash_attn_version else None,
+                f"trainer attention: vLLM's FA{kernel[1]} over {kernel[0]}-token pages"
+                if kernel
+                else None,
+                "trainer built on the CPU" if args.cpu_built_trainer else None,
+                "log-probabilities by vLLM's kernel" if args.vllm_logprobs else None,
+            ],
+        )
+    )
+    print(
+        f"\n{args.size}, {args.dtype} on {device} ({mode}, init std "
+        f"{args.init_std or 'default'}): "
+        f"{args.num_prompts} prompts x {args.output_len} sampled tokens"
+    )
+    print(
+        f"|vLLM logprob - trainer logprob|: max {diff.max():.3e}, "
+        f"mean {diff.mean():.3e}; bitwise equal "
+        f"{(diff == 0).float().mean():.1%} of {diff.numel()} tokens"
+    )
     differing = (diff != 0).view(args.num_prompts, args.output_len)
     if 0 < int(differing.sum()) <= 0.1 * diff.numel():
         # where the few differences are: which generation steps, which rows
         steps = differing.nonzero()[:, 1].tolist()
-        print(f"differing tokens by generation step (0 = the prefill's "
-              f"token): {dict(sorted(Counter(steps).items()))}; in "
-              f"{int(differing.any(1).sum())} of {args.num_prompts} "
-              "sequences")
+        print(
+            f"differing tokens by generation step (0 = the prefill's "
+            f"token): {dict(sorted(Counter(steps).items()))}; in "
+            f"{int(differing.any(1).sum())} of {args.num_prompts} "
+            "sequences"
+        )
     if vllm_hidden is not None:
         # every row vLLM computed (prefill and decode steps, in its own
         # batch order) against the trainer's rows, compared as bytes
         ours = {row.numpy().tobytes() for row in trainer_hidden}
         equal = sum(row.numpy().tobytes() in ours for row in vllm_hidden)
-        print(f"final hidden states (the LM head's input): {equal} of "
-              f"vLLM's {len(vllm_hidden)} rows equal a trainer row bitwise")
+        print(
+            f"final hidden states (the LM head's input): {equal} of "
+            f"vLLM's {len(vllm_hidden)} rows equal a trainer row bitwise"
+        )
     if first_differences is not None:
         for phase, found in zip(("prefill", "decode"), first_differences):
-            print(f"first module whose output differs ({phase}): " + (
-                f"{found[0]} (max |diff| {found[1]})" if found else
-                "none, every module's output is bitwise equal"))
+            print(
+                f"first module whose output differs ({phase}): "
+                + (
+                    f"{found[0]} (max |diff| {found[1]})"
+                    if found
+                    else "none, every module's output is bitwise equal"
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,19 @@ REPO = Path(__file__).resolve().parent.parent
 # Spawned vLLM processes and the registry's inspection subprocess import
 # test modules by name (e.g. "tests.models.tiny_decoder:build_tiny_decoder").
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                   if p])
+    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # Token-id prompts: lengths 1 to 40, so prefill spans several KV blocks.
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 200, 300, 400, 500, 17, 23],
-           [42], list(range(300, 340))]
+PROMPTS = [
+    [1, 2, 3, 4, 5],
+    [7, 8, 9],
+    [100, 200, 300, 400, 500, 17, 23],
+    [42],
+    list(range(300, 340)),
+]
 MAX_TOKENS = 32
 
 # Each engine reserves this fraction of the machine's memory for its KV
@@ -50,19 +55,26 @@ def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
     unless `dtype` says otherwise, eager unless `enforce_eager=False`, a
     small KV cache."""
     from vllm import LLM
+
     world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
     if world_size > 1:  # one core per CPU worker, shared round-robin
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            str(rank % (os.cpu_count() or 1)) for rank in range(world_size))
+            str(rank % (os.cpu_count() or 1)) for rank in range(world_size)
+        )
     kwargs.setdefault("dtype", "float32")
     # compiling costs most of an engine's start on the CPU: only tests
     # about compiled engines ask for it
     kwargs.setdefault("enforce_eager", True)
-    return LLM(model=str(model_dir),
-               hf_overrides={"architectures": [arch]} if arch else None,
-               skip_tokenizer_init=True,
-               gpu_memory_utilization=MEMORY_FRACTION, max_model_len=512,
-               tensor_parallel_size=tensor_parallel_size, seed=0, **kwargs)
+    return LLM(
+        model=str(model_dir),
+        hf_overrides={"architectures": [arch]} if arch else None,
+        skip_tokenizer_init=True,
+        gpu_memory_utilization=MEMORY_FRACTION,
+        max_model_len=512,
+        tensor_parallel_size=tensor_parallel_size,
+        seed=0,
+        **kwargs,
+    )
 
 
 def shutdown_llm(llm) -> None:
@@ -76,16 +88,20 @@ def shutdown_llm(llm) -> None:
 def greedy_tokens(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS):
     """Greedy token ids of `prompts` from a running engine."""
     from vllm import SamplingParams
+
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                       ignore_eos=True, detokenize=False),
-        use_tqdm=False)
+        SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+        ),
+        use_tqdm=False,
+    )
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=MAX_TOKENS,
-            inspect=None, **kwargs):
+def run_llm(
+    model_dir, arch=None, prompts=PROMPTS, max_tokens=MAX_TOKENS, inspect=None, **kwargs
+):
     """Start an engine for one test, take its greedy token ids (and the
     results of `inspect(model)` in each worker when given), stop it."""
     llm = make_llm(model_dir, arch, **kwargs)
@@ -97,37 +113,48 @@ def run_llm(model_dir, arch=None, prompts=PROMPTS, max_tokens=MAX_TOKENS,
     return (tokens, inspected) if inspect else tokens
 
 
-def logits_and_tokens(llm, prompts=PROMPTS, vocab_size=None,
-                      max_tokens=MAX_TOKENS):
+def logits_and_tokens(llm, prompts=PROMPTS, vocab_size=None, max_tokens=MAX_TOKENS):
     """From an engine made with `max_logprobs=vocab_size,
     logprobs_mode="raw_logits"`: the raw logits vLLM computes at every
     prompt position (float64 `[len(prompt) - 1, vocab]` per prompt), and
     greedy continuations of `max_tokens` tokens."""
     from vllm import SamplingParams
+
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                       ignore_eos=True, prompt_logprobs=vocab_size,
-                       detokenize=False), use_tqdm=False)
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            prompt_logprobs=vocab_size,
+            detokenize=False,
+        ),
+        use_tqdm=False,
+    )
     logits = []
     for output in outputs:
         # entry i scores prompt[i] given prompt[:i]; entry 0 is None
         rows = []
         for entry in output.prompt_logprobs[1:]:
-            row = torch.full((vocab_size, ), float("nan"), dtype=torch.float64)
+            row = torch.full((vocab_size,), float("nan"), dtype=torch.float64)
             for token, logprob in entry.items():
                 row[token] = logprob.logprob
             rows.append(row)
-        logits.append(torch.stack(rows) if rows else torch.empty(
-            0, vocab_size, dtype=torch.float64))
+        logits.append(
+            torch.stack(rows)
+            if rows
+            else torch.empty(0, vocab_size, dtype=torch.float64)
+        )
     return logits, [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def vllm_logits_and_tokens(model_dir, prompts, vocab_size,
-                           max_tokens=MAX_TOKENS, **kwargs):
+def vllm_logits_and_tokens(
+    model_dir, prompts, vocab_size, max_tokens=MAX_TOKENS, **kwargs
+):
     """`logits_and_tokens` from an engine started for this call only."""
-    llm = make_llm(model_dir, max_logprobs=vocab_size,
-                   logprobs_mode="raw_logits", **kwargs)
+    llm = make_llm(
+        model_dir, max_logprobs=vocab_size, logprobs_mode="raw_logits", **kwargs
+    )
     try:
         return logits_and_tokens(llm, prompts, vocab_size, max_tokens)
     finally:
@@ -148,7 +175,9 @@ def with_update(model, update):
     """A copy of the PyTorch module with `update` ({name: full tensor})
     loaded: the reference for an engine that received the same push."""
     import copy
+
     from vllm.model_executor.models.callable_model import load_weights_by_name
+
     updated = copy.deepcopy(model)
     load_weights_by_name(updated, update.items(), require_all=False)
     return updated
@@ -161,6 +190,7 @@ def training_forward(model, prompts):
     """Logits (float64) at every position of every prompt, all prompts
     packed into one varlen batch, through the module's training path."""
     from vllm.model_executor.layers.trainable_attention import pack_sequences
+
     lengths = [len(p) for p in prompts]
     device = next(model.parameters()).device
     input_ids, positions, cu_seqlens = pack_sequences(prompts, device)
@@ -177,7 +207,7 @@ def greedy_recompute(model, prompt, max_tokens=MAX_TOKENS):
     for _ in range(max_tokens):
         logits = training_forward(model, [tokens])[0]
         tokens.append(int(logits[-1].argmax()))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 # ------------------------------------------- the tiny decoder and its engines
@@ -186,6 +216,7 @@ def greedy_recompute(model, prompt, max_tokens=MAX_TOKENS):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from tests.models.tiny_decoder import write_checkpoint
+
     path = tmp_path_factory.mktemp("tiny_decoder")
     model = write_checkpoint(path)
     return path, model
@@ -200,8 +231,7 @@ def tiny_reference_tokens(tiny_checkpoint):
 
 # Engine fixtures (here or in a test module) that stop after their last
 # user; each returns `shared_engine(its name, engine)`.
-SHARED_ENGINES = ("tiny_engine", "tiny_engine_tp2", "plan_tp2_engine",
-                  "tied_llama")
+SHARED_ENGINES = ("tiny_engine", "tiny_engine_tp2", "plan_tp2_engine", "tied_llama")
 _LAST_USER_OF = pytest.StashKey[list]()
 _running: dict[str, object] = {}
 
@@ -214,7 +244,8 @@ def pytest_collection_modifyitems(items):
     def uses(item, name):
         params = getattr(item, "callspec", None)
         return name in item.fixturenames or (
-            params is not None and name in params.params.values())
+            params is not None and name in params.params.values()
+        )
 
     for name in SHARED_ENGINES:
         users = [item for item in items if uses(item, name)]
@@ -247,11 +278,19 @@ def tiny_engine(tiny_checkpoint):
     gets): shared by every test that only reads from it."""
     from tests.models.tiny_decoder import ARCH, build_tiny_decoder
     from vllm import ModelRegistry
+
     path, model = tiny_checkpoint
     ModelRegistry.register_model(ARCH, build_tiny_decoder)
-    return shared_engine("tiny_engine", make_llm(
-        path, ARCH, max_logprobs=model.lm_head.out_features,
-        logprobs_mode="raw_logits", enforce_eager=False))
+    return shared_engine(
+        "tiny_engine",
+        make_llm(
+            path,
+            ARCH,
+            max_logprobs=model.lm_head.out_features,
+            logprobs_mode="raw_logits",
+            enforce_eager=False,
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -260,14 +299,24 @@ def tiny_engine_tp2(tiny_checkpoint):
     workers, each building its shard from `parallel_context`)."""
     from tests.models.tiny_decoder import build_tiny_decoder
     from vllm import ModelRegistry
+
     path, model = tiny_checkpoint
     ModelRegistry.register_model(
         "TinyLambdaTP2",
         lambda vllm_config, parallel_context: build_tiny_decoder(
-            vllm_config, parallel_context))
-    return shared_engine("tiny_engine_tp2", make_llm(
-        path, "TinyLambdaTP2", tensor_parallel_size=2,
-        max_logprobs=model.lm_head.out_features, logprobs_mode="raw_logits"))
+            vllm_config, parallel_context
+        ),
+    )
+    return shared_engine(
+        "tiny_engine_tp2",
+        make_llm(
+            path,
+            "TinyLambdaTP2",
+            tensor_parallel_size=2,
+            max_logprobs=model.lm_head.out_features,
+            logprobs_mode="raw_logits",
+        ),
+    )
 
 
 def cuda_available() -> bool:

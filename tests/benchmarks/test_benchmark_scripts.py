@@ -11,8 +11,11 @@ import sys
 from tests.conftest import REPO
 
 # The scripts (a helper module such as interleaved_rounds.py has no main).
-SCRIPTS = sorted(path.name for path in (REPO / "benchmarks").glob("*.py")
-                 if 'if __name__ == "__main__":' in path.read_text())
+SCRIPTS = sorted(
+    path.name
+    for path in (REPO / "benchmarks").glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
 
 # One interpreter for all of them (vLLM is imported once): each script runs
 # as __main__ with --help, from its own directory as `python script.py`
@@ -34,11 +37,22 @@ for path in sys.argv[1:]:
 def test_every_benchmark_imports_and_parses_its_options():
     assert "benchmark_torchtitan_qwen3.py" in SCRIPTS
     result = subprocess.run(
-        [sys.executable, "-c", CHECK,
-         *(str(REPO / "benchmarks" / name) for name in SCRIPTS)],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            sys.executable,
+            "-c",
+            CHECK,
+            *(str(REPO / "benchmarks" / name) for name in SCRIPTS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    checked = [line.split()[-1] for line in result.stdout.splitlines()
-               if line.startswith("ok ")]
+    checked = [
+        line.split()[-1]
+        for line in result.stdout.splitlines()
+        if line.startswith("ok ")
+    ]
     assert [p.rsplit("/", 1)[-1] for p in checked] == SCRIPTS
     assert result.stdout.count("usage:") == len(SCRIPTS)

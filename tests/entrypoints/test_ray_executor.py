@@ -23,7 +23,8 @@ from tests.conftest import MAX_TOKENS, PROMPTS, REPO
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("ray") is None,
-    reason="vLLM's Ray executor needs a CUDA machine with ray installed")
+    reason="vLLM's Ray executor needs a CUDA machine with ray installed",
+)
 
 SCRIPT = REPO / "tests/models/scripts/generate_with_executor.py"
 RAY_CLI = "import sys; from ray.scripts.scripts import main; main()"
@@ -37,15 +38,16 @@ def running_in_ray_actor(model) -> bool:
     except ImportError:
         return False
     return ray.is_initialized() and (
-        ray.get_runtime_context().get_actor_id() is not None)
+        ray.get_runtime_context().get_actor_id() is not None
+    )
 
 
 def _environment(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k != "VLLM_MODEL_REGISTRATIONS"}
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_MODEL_REGISTRATIONS"}
     # the factory's module is installed on every node; here, the repository
     env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+    )
     return dict(env, VLLM_LOGGING_LEVEL="ERROR", **extra)
 
 
@@ -55,22 +57,52 @@ def ray_cluster():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = _environment()
-    subprocess.run([sys.executable, "-c", RAY_CLI, "start", "--head",
-                    f"--port={port}", "--num-gpus=1", "--num-cpus=4",
-                    "--include-dashboard=false", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RAY_CLI,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-gpus=1",
+            "--num-cpus=4",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([sys.executable, "-c", RAY_CLI, "stop", "--force"],
-                       env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-c", RAY_CLI, "stop", "--force"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def _generate(model_dir, backend, **env):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(model_dir), json.dumps(PROMPTS),
-         str(MAX_TOKENS), backend, "bfloat16"], env=_environment(**env),
-        cwd=REPO, capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(model_dir),
+            json.dumps(PROMPTS),
+            str(MAX_TOKENS),
+            backend,
+            "bfloat16",
+        ],
+        env=_environment(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     found = {}
     for line in result.stdout.splitlines():
@@ -80,8 +112,7 @@ def _generate(model_dir, backend, **env):
     return found
 
 
-def test_ray_worker_builds_a_factory_registered_in_main(ray_cluster,
-                                                        tiny_checkpoint):
+def test_ray_worker_builds_a_factory_registered_in_main(ray_cluster, tiny_checkpoint):
     path, _ = tiny_checkpoint
     by_ray = _generate(path, "ray", RAY_ADDRESS=ray_cluster)
     by_processes = _generate(path, "mp")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = (Path(__file__).resolve().parents[2] /
-           "examples/offline_inference/generic_model.py")
+EXAMPLE = (
+    Path(__file__).resolve().parents[2] / "examples/offline_inference/generic_model.py"
+)
 
 
 @pytest.mark.timeout(600)
@@ -26,26 +27,36 @@ def test_demo_registers_under_main_and_generates(tp):
     options = ["--enforce-eager"] if tp > 1 else []
     # Own session, so that a hung run's engine processes go with it.
     process = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), "--tensor-parallel-size", str(tp),
-         *options],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        [sys.executable, str(EXAMPLE), "--tensor-parallel-size", str(tp), *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=580)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"the demo at TP={tp} did not finish in 580 s; its last "
-                    f"output:\n{(stdout + stderr)[-4000:]}")
+        pytest.fail(
+            f"the demo at TP={tp} did not finish in 580 s; its last "
+            f"output:\n{(stdout + stderr)[-4000:]}"
+        )
     assert process.returncode == 0, (stdout + stderr)[-4000:]
     loss_before, loss_after = map(
-        float, re.search(r"loss ([0-9.]+) -> ([0-9.]+)", stdout).groups())
+        float, re.search(r"loss ([0-9.]+) -> ([0-9.]+)", stdout).groups()
+    )
     assert loss_after < loss_before / 2
     completions = dict(
-        line.strip().split(" -> ", 1) for line in stdout.splitlines()
-        if " -> " in line and "loss" not in line)
-    assert set(completions) == {"'vLLM runs the'", "'One definition serves'",
-                                "'the weights'"}
+        line.strip().split(" -> ", 1)
+        for line in stdout.splitlines()
+        if " -> " in line and "loss" not in line
+    )
+    assert set(completions) == {
+        "'vLLM runs the'",
+        "'One definition serves'",
+        "'the weights'",
+    }
     # trained on one sentence: greedy decoding continues it
     assert "model you trained" in completions["'vLLM runs the'"]
     assert "Same tokens as the trainer's own greedy decoding: 3/3" in stdout

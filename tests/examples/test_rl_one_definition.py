@@ -10,17 +10,24 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = (Path(__file__).resolve().parents[2] /
-           "examples/offline_inference/rl_one_definition.py")
-STEP = re.compile(r"^step +(\d+) +reward ([0-9.]+) +sync +([0-9.]+) ms +"
-                  r"max \|logprob diff\| ([0-9.e+-]+)$")
+EXAMPLE = (
+    Path(__file__).resolve().parents[2]
+    / "examples/offline_inference/rl_one_definition.py"
+)
+STEP = re.compile(
+    r"^step +(\d+) +reward ([0-9.]+) +sync +([0-9.]+) ms +"
+    r"max \|logprob diff\| ([0-9.e+-]+)$"
+)
 
 
 @pytest.mark.timeout(600)
 def test_reward_rises_and_logprobs_agree():
-    result = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "120",
-                             "--enforce-eager"],
-                            capture_output=True, text=True, timeout=580)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--steps", "120", "--enforce-eager"],
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     steps = [STEP.match(line.strip()) for line in output.splitlines()]

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention, pack_sequences)
+    TrainableFlashAttention,
+    pack_sequences,
+)
 
 CUDA = torch.cuda.is_available()
 
@@ -37,15 +39,16 @@ def naive_attention(q, k, v, cu_seqlens, scale, causal, window):
     return out
 
 
-def packed_inputs(lengths, heads, kv_heads, head_dim, dtype, device="cpu",
-                  seed=0):
+def packed_inputs(lengths, heads, kv_heads, head_dim, dtype, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
     total = sum(lengths)
-    make = lambda h: torch.randn(total, h, head_dim, generator=gen,
-                                 dtype=torch.float64).to(device, dtype)
+    make = lambda h: torch.randn(
+        total, h, head_dim, generator=gen, dtype=torch.float64
+    ).to(device, dtype)
     q, k, v = make(heads), make(kv_heads), make(kv_heads)
-    cu_seqlens = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)),
-                              dtype=torch.int32, device=device)
+    cu_seqlens = torch.tensor(
+        [0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device
+    )
     return q, k, v, cu_seqlens
 
 
@@ -61,16 +64,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("heads,kv_heads,causal,window", CASES)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10),
-                                       (torch.float32, 2e-5)])
-def test_reference_path_matches_float64(heads, kv_heads, causal, window,
-                                        dtype, tol):
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_reference_path_matches_float64(heads, kv_heads, causal, window, dtype, tol):
     lengths = [1, 2, 3, 5, 8, 13]  # varlen, a single token included
     head_dim = 16
     q, k, v, cu = packed_inputs(lengths, heads, kv_heads, head_dim, dtype)
-    attn = TrainableFlashAttention(heads, head_dim, kv_heads, causal=causal,
-                                   sliding_window=window,
-                                   training_backend="reference")
+    attn = TrainableFlashAttention(
+        heads,
+        head_dim,
+        kv_heads,
+        causal=causal,
+        sliding_window=window,
+        training_backend="reference",
+    )
     for t in (q, k, v):
         t.requires_grad_(True)
     out = attn(q, k, v, cu_seqlens=cu)
@@ -83,16 +89,14 @@ def test_reference_path_matches_float64(heads, kv_heads, causal, window,
 
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     for got, want in zip((q, k, v), ref_inputs):
-        torch.testing.assert_close(got.grad.double(), want.grad, atol=tol,
-                                   rtol=tol)
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=tol, rtol=tol)
 
 
 def test_padded_form_equals_packed():
     q, k, v, cu = packed_inputs([6, 6, 6], 4, 2, 16, torch.float64)
     attn = TrainableFlashAttention(4, 16, 2)
     packed = attn(q, k, v, cu_seqlens=cu)
-    padded = attn(q.view(3, 6, 4, 16), k.view(3, 6, 2, 16),
-                  v.view(3, 6, 2, 16))
+    padded = attn(q.view(3, 6, 4, 16), k.view(3, 6, 2, 16), v.view(3, 6, 2, 16))
     torch.testing.assert_close(padded.reshape(18, 4, 16), packed)
 
 
@@ -109,7 +113,8 @@ def test_gradcheck():
     attn = TrainableFlashAttention(2, 4, 1, sliding_window=2)
     inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: attn(q, k, v, cu_seqlens=cu), inputs)
+        lambda q, k, v: attn(q, k, v, cu_seqlens=cu), inputs
+    )
 
 
 def test_dropout_only_when_training():
@@ -122,34 +127,57 @@ def test_dropout_only_when_training():
     assert not torch.allclose(attn(q, k, v, cu), attn.eval()(q, k, v, cu))
 
 
-@pytest.mark.parametrize("kwargs,call,message", [
-    (dict(num_heads=6, head_dim=8, num_kv_heads=4), None,
-     r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"),
-    (dict(num_heads=4, head_dim=8), lambda a: a(*_qkv(4, 4, 16)),
-     r"q has shape \(5, 4, 16\); expected \[..., 4 heads, 8 head_dim\]"),
-    (dict(num_heads=4, head_dim=8), lambda a: a(
-        *_qkv(4, 4, 8), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)),
-     r"cu_seqlens must start at 0 and end at the token count \(5\)"),
-    (dict(num_heads=4, head_dim=8), lambda a: a(
-        *_qkv(4, 4, 8), cu_seqlens=torch.tensor([0, 5])),
-     r"cu_seqlens must be a 1-D int32 tensor"),
-    (dict(num_heads=4, head_dim=8), lambda a: a(
-        *_qkv(4, 4, 8, dtypes=(torch.float32, torch.float64, torch.float32))),
-     r"q, k, v must share a dtype"),
-    (dict(num_heads=4, head_dim=8, training_backend="flash"),
-     lambda a: a(*_qkv(4, 4, 8)),
-     r"training_backend='flash' needs fp16/bf16 tensors on a CUDA device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,call,message",
+    [
+        (
+            dict(num_heads=6, head_dim=8, num_kv_heads=4),
+            None,
+            r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)",
+        ),
+        (
+            dict(num_heads=4, head_dim=8),
+            lambda a: a(*_qkv(4, 4, 16)),
+            r"q has shape \(5, 4, 16\); expected \[..., 4 heads, 8 head_dim\]",
+        ),
+        (
+            dict(num_heads=4, head_dim=8),
+            lambda a: a(
+                *_qkv(4, 4, 8), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)
+            ),
+            r"cu_seqlens must start at 0 and end at the token count \(5\)",
+        ),
+        (
+            dict(num_heads=4, head_dim=8),
+            lambda a: a(*_qkv(4, 4, 8), cu_seqlens=torch.tensor([0, 5])),
+            r"cu_seqlens must be a 1-D int32 tensor",
+        ),
+        (
+            dict(num_heads=4, head_dim=8),
+            lambda a: a(
+                *_qkv(4, 4, 8, dtypes=(torch.float32, torch.float64, torch.float32))
+            ),
+            r"q, k, v must share a dtype",
+        ),
+        (
+            dict(num_heads=4, head_dim=8, training_backend="flash"),
+            lambda a: a(*_qkv(4, 4, 8)),
+            r"training_backend='flash' needs fp16/bf16 tensors on a CUDA device",
+        ),
+    ],
+)
 def test_clear_errors(kwargs, call, message):
     with pytest.raises(ValueError, match=message):
         attn = TrainableFlashAttention(**kwargs)
         call(attn)
 
 
-def _qkv(heads, kv_heads, head_dim, dtypes=(torch.float32, ) * 3):
-    return (torch.randn(5, heads, head_dim, dtype=dtypes[0]),
-            torch.randn(5, kv_heads, head_dim, dtype=dtypes[1]),
-            torch.randn(5, kv_heads, head_dim, dtype=dtypes[2]))
+def _qkv(heads, kv_heads, head_dim, dtypes=(torch.float32,) * 3):
+    return (
+        torch.randn(5, heads, head_dim, dtype=dtypes[0]),
+        torch.randn(5, kv_heads, head_dim, dtype=dtypes[1]),
+        torch.randn(5, kv_heads, head_dim, dtype=dtypes[2]),
+    )
 
 
 # --------------------------------------------------------------------- CUDA
@@ -158,21 +186,28 @@ def _qkv(heads, kv_heads, head_dim, dtypes=(torch.float32, ) * 3):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernels", ["vllm_flash_attn", "aten"])
 @pytest.mark.parametrize("heads,kv_heads,causal,window", CASES)
-def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
-                                                kv_heads, causal, window):
+def test_cuda_flash_path_matches_fp32_reference(
+    monkeypatch, kernels, heads, kv_heads, causal, window
+):
     from vllm.model_executor.layers import trainable_attention
+
     if kernels == "aten":
-        monkeypatch.setattr(trainable_attention, "_vllm_flash_varlen",
-                            lambda: None)
+        monkeypatch.setattr(trainable_attention, "_vllm_flash_varlen", lambda: None)
     elif trainable_attention._vllm_flash_varlen() is None:
         pytest.skip("vLLM's flash-attn kernels are not installed")
     lengths = [1, 7, 64, 129, 300]
     head_dim = 128
-    q, k, v, cu = packed_inputs(lengths, heads, kv_heads, head_dim,
-                                torch.bfloat16, "cuda")
-    attn = TrainableFlashAttention(heads, head_dim, kv_heads, causal=causal,
-                                   sliding_window=window,
-                                   training_backend="flash")
+    q, k, v, cu = packed_inputs(
+        lengths, heads, kv_heads, head_dim, torch.bfloat16, "cuda"
+    )
+    attn = TrainableFlashAttention(
+        heads,
+        head_dim,
+        kv_heads,
+        causal=causal,
+        sliding_window=window,
+        training_backend="flash",
+    )
     for t in (q, k, v):
         t.requires_grad_(True)
     out = attn(q, k, v, cu_seqlens=cu)
@@ -184,7 +219,8 @@ def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
     def reference(dtype):
         inputs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
         ref = trainable_attention.reference_attention(
-            *inputs, cu, head_dim**-0.5, causal, window)
+            *inputs, cu, head_dim**-0.5, causal, window
+        )
         ref.backward(grad_out.to(dtype))
         return ref, [t.grad for t in inputs]
 
@@ -196,10 +232,12 @@ def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
     for name, (got, bf16_ref, ref) in zip(["out", "dq", "dk", "dv"], pairs):
         flash_err = relative_rms_errors(got, ref, cu)
         bf16_err = relative_rms_errors(bf16_ref, ref, cu)
-        print(f"{kernels} {name}: relative RMS error per sequence, flash "
-              f"{_fmt(flash_err)} bf16-math {_fmt(bf16_err)}; max abs "
-              f"error flash {(got.float() - ref).abs().max().item():.2e} "
-              f"bf16-math {(bf16_ref.float() - ref).abs().max().item():.2e}")
+        print(
+            f"{kernels} {name}: relative RMS error per sequence, flash "
+            f"{_fmt(flash_err)} bf16-math {_fmt(bf16_err)}; max abs "
+            f"error flash {(got.float() - ref).abs().max().item():.2e} "
+            f"bf16-math {(bf16_ref.float() - ref).abs().max().item():.2e}"
+        )
         # The flash backward rounds P and dS to bf16 for its tensor-core
         # GEMMs, which bf16 math does not: its dq/dk errors measured 1.5 to
         # 2.3 times bf16 math's on the H100 (benchmarks/RESULTS.md). Three
@@ -209,7 +247,8 @@ def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
         bound = 3 * torch.clamp(bf16_err, min=BF16_ROUNDING)
         assert bool((flash_err <= bound).all()), (
             f"{name}: sequences {(flash_err > bound).nonzero().flatten()}"
-            f" exceed three times the bf16-math error")
+            f" exceed three times the bf16-math error"
+        )
 
 
 # Rounding to bf16 (8 significant bits) moves each element by at most 2**-8
@@ -218,8 +257,9 @@ def test_cuda_flash_path_matches_fp32_reference(monkeypatch, kernels, heads,
 BF16_ROUNDING = 2.0**-9
 
 
-def relative_rms_errors(got: torch.Tensor, ref: torch.Tensor,
-                        cu_seqlens: torch.Tensor) -> torch.Tensor:
+def relative_rms_errors(
+    got: torch.Tensor, ref: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
     """||got - ref|| / ||ref|| for each packed sequence: stable where a
     max-abs error (one extreme element of each) is not. A sequence whose
     reference is all zero (dq of a one-token sequence) is measured against
@@ -239,10 +279,12 @@ def _fmt(errors: torch.Tensor) -> str:
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("flash_attn_version", [2, 3])
-@pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None),
-                                                   (4, 4, None), (4, 2, 5)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,window", [(8, 2, None), (4, 4, None), (4, 2, 5)]
+)
 def test_cuda_generator_kernel_rows_equal_vllm_prefill_and_decode(
-        flash_attn_version, heads, kv_heads, window):
+    flash_attn_version, heads, kv_heads, window
+):
     """With use_generator_attention_kernel, the training forward's rows are
     bitwise the rows vLLM's FLASH_ATTN backend computes from its paged
     cache: a prefill of each sequence's first half, then one-token decode
@@ -250,22 +292,24 @@ def test_cuda_generator_kernel_rows_equal_vllm_prefill_and_decode(
     VLLM_BATCH_INVARIANT=1: one split)."""
     from vllm.model_executor.layers import trainable_attention
     from vllm.model_executor.layers.trainable_attention import (
-        paged_kv, use_generator_attention_kernel)
+        paged_kv,
+        use_generator_attention_kernel,
+    )
+
     flash_varlen = trainable_attention._vllm_flash_varlen()
     if flash_varlen is None:
         pytest.skip("vLLM's flash-attn kernels are not installed")
-    from vllm.vllm_flash_attn.flash_attn_interface import (
-        is_fa_version_supported)
+    from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+
     if not is_fa_version_supported(flash_attn_version):
         pytest.skip(f"FA{flash_attn_version} is not supported on this GPU")
     lengths = [1, 7, 64, 129, 300]
     head_dim, block_size = 128, 16
-    q, k, v, cu = packed_inputs(lengths, heads, kv_heads, head_dim,
-                                torch.bfloat16, "cuda")
-    attn = TrainableFlashAttention(heads, head_dim, kv_heads,
-                                   sliding_window=window)
-    assert use_generator_attention_kernel(attn, block_size,
-                                          flash_attn_version) == 1
+    q, k, v, cu = packed_inputs(
+        lengths, heads, kv_heads, head_dim, torch.bfloat16, "cuda"
+    )
+    attn = TrainableFlashAttention(heads, head_dim, kv_heads, sliding_window=window)
+    assert use_generator_attention_kernel(attn, block_size, flash_attn_version) == 1
     inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = attn(*inputs, cu_seqlens=cu)
 
@@ -274,27 +318,42 @@ def test_cuda_generator_kernel_rows_equal_vllm_prefill_and_decode(
 
     def vllm_step(rows, sequence_of_row, keys_seen, query_lens):
         cu_q = torch.tensor([0] + query_lens, device="cuda").cumsum(
-            0, dtype=torch.int32)
+            0, dtype=torch.int32
+        )
         return flash_varlen(
-            q[rows], key_cache, value_cache, max_seqlen_q=max(query_lens),
-            cu_seqlens_q=cu_q, max_seqlen_k=max(keys_seen),
-            seqused_k=torch.tensor(keys_seen, dtype=torch.int32,
-                                   device="cuda"),
-            block_table=block_table[sequence_of_row], softmax_scale=head_dim
-            **-0.5, causal=True, window_size=window_size, num_splits=1,
-            fa_version=flash_attn_version)
+            q[rows],
+            key_cache,
+            value_cache,
+            max_seqlen_q=max(query_lens),
+            cu_seqlens_q=cu_q,
+            max_seqlen_k=max(keys_seen),
+            seqused_k=torch.tensor(keys_seen, dtype=torch.int32, device="cuda"),
+            block_table=block_table[sequence_of_row],
+            softmax_scale=head_dim**-0.5,
+            causal=True,
+            window_size=window_size,
+            num_splits=1,
+            fa_version=flash_attn_version,
+        )
 
     starts = cu[:-1].tolist()
     halves = [(n + 1) // 2 for n in lengths]
-    prefill_rows = torch.tensor([s + i for s, h in zip(starts, halves)
-                                 for i in range(h)], device="cuda")
-    prefill = vllm_step(prefill_rows, torch.arange(len(lengths)), halves,
-                        halves)
-    decode = [(s + i, seq, i + 1) for seq, (s, n, h) in enumerate(
-        zip(starts, lengths, halves)) for i in range(h, n)]
+    prefill_rows = torch.tensor(
+        [s + i for s, h in zip(starts, halves) for i in range(h)], device="cuda"
+    )
+    prefill = vllm_step(prefill_rows, torch.arange(len(lengths)), halves, halves)
+    decode = [
+        (s + i, seq, i + 1)
+        for seq, (s, n, h) in enumerate(zip(starts, lengths, halves))
+        for i in range(h, n)
+    ]
     decode_rows = torch.tensor([r for r, _, _ in decode], device="cuda")
-    decoded = vllm_step(decode_rows, torch.tensor([s for _, s, _ in decode]),
-                        [n for _, _, n in decode], [1] * len(decode))
+    decoded = vllm_step(
+        decode_rows,
+        torch.tensor([s for _, s, _ in decode]),
+        [n for _, _, n in decode],
+        [1] * len(decode),
+    )
     assert torch.equal(out[prefill_rows], prefill)
     assert torch.equal(out[decode_rows], decoded)
 
@@ -306,13 +365,16 @@ def test_cuda_generator_kernel_rows_equal_vllm_prefill_and_decode(
     attn(*reference_inputs, cu_seqlens=cu).backward(grad_out)
     for name, ours, reference in zip("qkv", inputs, reference_inputs):
         error = (ours.grad.float() - reference.grad.float()).norm() / (
-            reference.grad.float().norm())
+            reference.grad.float().norm()
+        )
         assert error < 1e-2, f"d{name}: relative error {error:.2e}"
 
 
 def test_generator_kernel_clear_errors():
     from vllm.model_executor.layers.trainable_attention import (
-        use_generator_attention_kernel)
+        use_generator_attention_kernel,
+    )
+
     attn = TrainableFlashAttention(2, 64)
     with pytest.raises(ValueError, match="multiple of 16"):
         use_generator_attention_kernel(attn, block_size=8)

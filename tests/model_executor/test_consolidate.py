@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from vllm.model_executor.model_loader.consolidate import (ConsolidateError,
-                                                          consolidate)
+from vllm.model_executor.model_loader.consolidate import ConsolidateError, consolidate
 
 HERE = Path(__file__).resolve().parent
 VLLM = str(Path(sys.executable).parent / "vllm")
@@ -42,9 +41,19 @@ def zero_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-         str(HERE / "deepspeed_zero_train.py"), str(out)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=out)
+        [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            str(HERE / "deepspeed_zero_train.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=out,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return out
 
@@ -53,14 +62,17 @@ def zero_runs(tmp_path_factory):
 def llama(tmp_path_factory):
     """A tiny Llama and its greedy tokens from transformers."""
     from transformers import LlamaForCausalLM
+
     sys.path.insert(0, str(HERE))
     from deepspeed_zero_train import CONFIG
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(CONFIG).eval()
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        tokens = model.generate(ids, max_new_tokens=8, do_sample=False,
-                                pad_token_id=0)[0, 4:].tolist()
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[
+            0, 4:
+        ].tolist()
     return model, tokens
 
 
@@ -72,24 +84,29 @@ def test_deepspeed_zero_stages(zero_runs, stage, tmp_path):
     assert len(result.shards) > 1  # sharded, with an index
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert (tmp_path / "out" / "config.json").exists()
-    assert_same(output_tensors(tmp_path / "out"),
-                load_file(run / "reference.safetensors"))
+    assert_same(
+        output_tensors(tmp_path / "out"), load_file(run / "reference.safetensors")
+    )
 
 
 def test_hf_sharded_safetensors_and_bin(llama, tmp_path):
     from huggingface_hub import save_torch_state_dict
+
     model, _ = llama
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.save_pretrained(tmp_path / "st", max_shard_size="100KB")
     # .bin shards the way transformers < 5 wrote them (transformers 5
     # writes only safetensors), nested one folder down
     (tmp_path / "bin" / "weights").mkdir(parents=True)
-    save_torch_state_dict(state, tmp_path / "bin" / "weights",
-                          safe_serialization=False, max_shard_size="100KB")
+    save_torch_state_dict(
+        state,
+        tmp_path / "bin" / "weights",
+        safe_serialization=False,
+        max_shard_size="100KB",
+    )
     index = tmp_path / "bin" / "weights" / "pytorch_model.bin.index.json"
     data = json.loads(index.read_text())
-    data["weight_map"] = {k: f"weights/{v}"
-                          for k, v in data["weight_map"].items()}
+    data["weight_map"] = {k: f"weights/{v}" for k, v in data["weight_map"].items()}
     (tmp_path / "bin" / index.name).write_text(json.dumps(data))
     index.unlink()
     model.config.save_pretrained(tmp_path / "bin")
@@ -103,27 +120,30 @@ def test_hf_sharded_safetensors_and_bin(llama, tmp_path):
 def _save_dcp(rank, world, path, state):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world, ))
-    sharded = {k: distribute_tensor(v, mesh, [Shard(0)])
-               for k, v in state.items()}
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in state.items()}
     dcp.save(sharded, checkpoint_id=str(path))
     dist.destroy_process_group()
 
 
 def test_dcp_from_two_ranks(llama, tmp_path):
     import torch.multiprocessing as mp
+
     model, _ = llama
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mp.spawn(_save_dcp, args=(2, tmp_path / "dcp", state), nprocs=2)
     model.config.save_pretrained(tmp_path / "dcp")
     result = consolidate(tmp_path / "dcp", tmp_path / "out", dtype="bfloat16")
     assert result.checkpoint_type == "dcp"
-    assert_same(output_tensors(tmp_path / "out"),
-                {k: v.to(torch.bfloat16) for k, v in state.items()})
+    assert_same(
+        output_tensors(tmp_path / "out"),
+        {k: v.to(torch.bfloat16) for k, v in state.items()},
+    )
 
 
 def test_validate_load_serves_the_models_tokens(llama, tmp_path):
@@ -134,20 +154,33 @@ def test_validate_load_serves_the_models_tokens(llama, tmp_path):
     model, reference = llama
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR")
-    command = [VLLM, "consolidate", "--input", str(tmp_path / "sharded"),
-               "--validate-load"]
-    result = subprocess.run(command + ["--output", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300,
-                            env=env)
+    command = [
+        VLLM,
+        "consolidate",
+        "--input",
+        str(tmp_path / "sharded"),
+        "--validate-load",
+    ]
+    result = subprocess.run(
+        command + ["--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert f"greedy tokens after [1, 2, 3, 4]: {reference}" in result.stdout
 
     config = json.loads((tmp_path / "sharded/config.json").read_text())
     config["architectures"] = ["NoSuchModelForCausalLM"]
     (tmp_path / "sharded/config.json").write_text(json.dumps(config))
-    failed = subprocess.run(command + ["--output", str(tmp_path / "bad")],
-                            capture_output=True, text=True, timeout=300,
-                            env=env)
+    failed = subprocess.run(
+        command + ["--output", str(tmp_path / "bad")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert failed.returncode == 1, (failed.stdout + failed.stderr)[-3000:]
     assert "--validate-load: vllm.LLM could not load" in failed.stderr
     assert "NoSuchModelForCausalLM" in failed.stderr
@@ -178,7 +211,11 @@ def test_bad_inputs_leave_nothing_that_looks_valid(llama, tmp_path):
         consolidate(truncated, tmp_path / "out3")
     # nothing half-written beside the outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "missing", "ok", "out", "truncated"]
+        "missing",
+        "ok",
+        "out",
+        "truncated",
+    ]
 
 
 def test_mixed_steps_are_refused(zero_runs, tmp_path):
@@ -186,9 +223,12 @@ def test_mixed_steps_are_refused(zero_runs, tmp_path):
     shutil.copytree(zero_runs / "zero2", run)
     name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shutil.copy(run / "global_step1" / name, run / "global_step2" / name)
-    with pytest.raises(ConsolidateError, match="different training steps "
-                       r"\(zero_pp_rank_0_mp_rank_00_optim_states.pt: step 2,"
-                       " zero_pp_rank_1_mp_rank_00_optim_states.pt: step 1"):
+    with pytest.raises(
+        ConsolidateError,
+        match="different training steps "
+        r"\(zero_pp_rank_0_mp_rank_00_optim_states.pt: step 2,"
+        " zero_pp_rank_1_mp_rank_00_optim_states.pt: step 1",
+    ):
         consolidate(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -204,8 +244,9 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 from vllm.model_executor.model_loader.consolidate import consolidate
 consolidate({str(tmp_path / "ok")!r}, {str(tmp_path / "out")!r})
 """
-    result = subprocess.run([sys.executable, "-c", program],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0
     assert "ConsolidateError: cannot write" in result.stderr
     assert "File too large" in result.stderr
@@ -217,9 +258,21 @@ consolidate({str(tmp_path / "ok")!r}, {str(tmp_path / "out")!r})
 
 def test_command_one_checkpoint(zero_runs, tmp_path):
     result = subprocess.run(
-        [VLLM, "consolidate", "--input", str(zero_runs / "zero2"),
-         "--output", str(tmp_path / "out"), "--dtype", "bfloat16"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            VLLM,
+            "consolidate",
+            "--input",
+            str(zero_runs / "zero2"),
+            "--output",
+            str(tmp_path / "out"),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "deepspeed -> " in result.stdout and "21 tensors" in result.stdout
     assert "note: warning: no tokenizer files" in result.stdout
@@ -237,23 +290,36 @@ def test_command_batch(zero_runs, llama, tmp_path):
     shutil.copytree(zero_runs / "zero1", runs / "zero")
     (runs / "broken").mkdir(parents=True)
     (runs / "broken" / "model.safetensors").write_bytes(b"not a checkpoint")
-    command = [VLLM, "consolidate", "--batch", "--input-dir", str(runs),
-               "--output-dir", str(tmp_path / "out"), "--all-checkpoints"]
+    command = [
+        VLLM,
+        "consolidate",
+        "--batch",
+        "--input-dir",
+        str(runs),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--all-checkpoints",
+    ]
 
-    dry = subprocess.run(command + ["--dry-run"], capture_output=True,
-                         text=True, timeout=300)
+    dry = subprocess.run(
+        command + ["--dry-run"], capture_output=True, text=True, timeout=300
+    )
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "5 checkpoint(s) would be consolidated" in dry.stdout
     assert not (tmp_path / "out").exists()
 
-    result = subprocess.run(command + ["--continue-on-error"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command + ["--continue-on-error"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1  # one failed
     table = result.stdout
     assert "4 succeeded, 1 failed" in table
-    for name in ("trainer_step_10", "trainer_step_20", "zero_step_1",
-                 "zero_step_2"):
+    for name in ("trainer_step_10", "trainer_step_20", "zero_step_1", "zero_step_2"):
         assert (tmp_path / "out" / name / "config.json").exists(), table
     assert "broken_step_final" in table and "FAILED" in table
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "trainer_step_10", "trainer_step_20", "zero_step_1", "zero_step_2"]
+        "trainer_step_10",
+        "trainer_step_20",
+        "zero_step_1",
+        "zero_step_2",
+    ]

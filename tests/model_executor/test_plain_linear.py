@@ -11,14 +11,20 @@ import torch
 from torch import nn
 
 from vllm.model_executor.layers.plain_linear import (
-    VllmLinearForward, refresh_vllm_linear_method, use_vllm_linear_method)
-from vllm.model_executor.layers.utils import (default_unquantized_gemm,
-                                              dispatch_unquantized_gemm)
+    VllmLinearForward,
+    refresh_vllm_linear_method,
+    use_vllm_linear_method,
+)
+from vllm.model_executor.layers.utils import (
+    default_unquantized_gemm,
+    dispatch_unquantized_gemm,
+)
 
 # On CUDA vLLM's unquantized GEMM is F.linear and layers are left alone.
 OWN_GEMM = dispatch_unquantized_gemm() is not default_unquantized_gemm
 needs_own_gemm = pytest.mark.skipif(
-    not OWN_GEMM, reason="vLLM's GEMM here is torch.nn.functional.linear")
+    not OWN_GEMM, reason="vLLM's GEMM here is torch.nn.functional.linear"
+)
 
 
 class ScaledOutput(nn.Linear):
@@ -29,7 +35,6 @@ class ScaledOutput(nn.Linear):
 
 
 class Block(nn.Module):
-
     def __init__(self):
         super().__init__()
         self.up = nn.Linear(64, 96)
@@ -79,7 +84,8 @@ def test_loaded_weights_reach_the_processed_copy():
         model.gate.load_state_dict(new.gate.state_dict())
         model.down.weight.copy_(new.down.weight)
     refresh_vllm_linear_method(
-        model, [model.up.weight, model.up.bias, model.down.weight])
+        model, [model.up.weight, model.up.bias, model.down.weight]
+    )
     x = torch.randn(4, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), new(x))

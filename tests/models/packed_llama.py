@@ -11,21 +11,28 @@ from pathlib import Path
 from torch import nn
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] /
-                       "examples/offline_inference/parallel_plans"))
-from plain_llama import (LlamaConfig, LlamaForCausalLM,  # noqa: E402,F401
-                         save_checkpoint)
+sys.path.insert(
+    0,
+    str(
+        Path(__file__).resolve().parents[2]
+        / "examples/offline_inference/parallel_plans"
+    ),
+)
+from plain_llama import (
+    LlamaConfig,
+    LlamaForCausalLM,  # noqa: E402,F401
+)
 
 
 class PackedMLP(nn.Module):
-
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size,
-                                      2 * config.intermediate_size,
-                                      bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size,
-                                   config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=False
+        )
+        self.down_proj = nn.Linear(
+            config.intermediate_size, config.hidden_size, bias=False
+        )
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -39,15 +46,15 @@ def packed_llama(config: LlamaConfig) -> LlamaForCausalLM:
     # no entry for the embedding, as in Hugging Face's Llama plan: a tied
     # lm_head that the plan gathers splits it by vocabulary
     model._tp_plan = {
-        pattern: style for pattern, style in model._tp_plan.items()
+        pattern: style
+        for pattern, style in model._tp_plan.items()
         if not pattern.endswith(("gate_proj", "up_proj", "embed_tokens"))
     } | {"model.layers.*.mlp.gate_up_proj": "packed_colwise"}
     return model
 
 
 def build_packed_llama(vllm_config, parallel_context):
-    return packed_llama(
-        LlamaConfig.from_hf(vllm_config.model_config.hf_config))
+    return packed_llama(LlamaConfig.from_hf(vllm_config.model_config.hf_config))
 
 
 build_packed_llama.supports_torch_compile = True

@@ -22,7 +22,6 @@ def non_module_factory(vllm_config, parallel_context):
 
 
 class NoLogits(nn.Module):
-
     def forward(self, input_ids, positions):
         return input_ids
 
@@ -32,18 +31,23 @@ def no_logits_factory(vllm_config, parallel_context):
 
 
 CASES = {
-    "raises": (raising_factory,
-               "The model factory 'tests.models.test_bad_factories."
-               "raising_factory' registered for 'BadRaises' raised "
-               "ValueError: hidden_size must be even"),
-    "non_module": (non_module_factory,
-                   "registered for 'BadNonModule' returned int, not a "
-                   "torch.nn.Module"),
-    "no_compute_logits": (no_logits_factory,
-                          "NoLogits, returned by the model factory "
-                          "'tests.models.test_bad_factories.no_logits_factory'"
-                          " for 'BadNoComputeLogits', lacks the method(s) vLLM "
-                          "calls: compute_logits(hidden_states) -> logits"),
+    "raises": (
+        raising_factory,
+        "The model factory 'tests.models.test_bad_factories."
+        "raising_factory' registered for 'BadRaises' raised "
+        "ValueError: hidden_size must be even",
+    ),
+    "non_module": (
+        non_module_factory,
+        "registered for 'BadNonModule' returned int, not a torch.nn.Module",
+    ),
+    "no_compute_logits": (
+        no_logits_factory,
+        "NoLogits, returned by the model factory "
+        "'tests.models.test_bad_factories.no_logits_factory'"
+        " for 'BadNoComputeLogits', lacks the method(s) vLLM "
+        "calls: compute_logits(hidden_states) -> logits",
+    ),
 }
 
 
@@ -51,8 +55,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_factory_fails_engine_start(tiny_checkpoint, capfd, case):
     factory, message = CASES[case]
-    arch = {"raises": "BadRaises", "non_module": "BadNonModule",
-            "no_compute_logits": "BadNoComputeLogits"}[case]
+    arch = {
+        "raises": "BadRaises",
+        "non_module": "BadNonModule",
+        "no_compute_logits": "BadNoComputeLogits",
+    }[case]
     path, _ = tiny_checkpoint
     ModelRegistry.register_model(arch, factory)
     with pytest.raises(RuntimeError, match="initialization failed"):
@@ -72,20 +79,25 @@ def test_unpicklable_factory_is_refused_at_registration():
     with pytest.raises(TypeError) as excinfo:
         ModelRegistry.register_model("BadUnpicklable", factory)
     message = str(excinfo.value)
-    assert "must be pickled to reach vLLM's engine and worker processes" in (
-        message)
+    assert "must be pickled to reach vLLM's engine and worker processes" in (message)
     assert "register it as 'package.module:factory'" in message
     assert "BadUnpicklable" not in ModelRegistry.get_supported_archs()
 
 
-@pytest.mark.parametrize("factory", [
-    lambda vllm_config: None,
-    lambda: None,
-    lambda a, b, c: None,
-])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda vllm_config: None,
+        lambda: None,
+        lambda a, b, c: None,
+    ],
+)
 def test_factory_with_wrong_signature_is_refused(factory):
-    with pytest.raises(TypeError, match=r"must accept two positional "
-                       r"arguments \(vllm_config, parallel_context\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"must accept two positional "
+        r"arguments \(vllm_config, parallel_context\)",
+    ):
         ModelRegistry.register_model("BadSignature", factory)
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (MAX_TOKENS, PROMPTS, REPO, greedy_tokens,
-                            run_llm)
-from tests.models.tiny_decoder import (TinyConfig, TinyDecoder,
-                                       TinyDecoderForCausalLM,
-                                       build_tiny_decoder)
+from tests.conftest import MAX_TOKENS, PROMPTS, REPO, greedy_tokens, run_llm
+from tests.models.tiny_decoder import (
+    TinyConfig,
+    TinyDecoder,
+    TinyDecoderForCausalLM,
+    build_tiny_decoder,
+)
 from vllm import ModelRegistry
 
 
@@ -47,7 +49,8 @@ def make_closure():
 # (by reference, by value, with captured state); each runs in its own engine.
 REGISTRATIONS = {
     "lambda": lambda vllm_config, parallel_context: build_tiny_decoder(
-        vllm_config, parallel_context),
+        vllm_config, parallel_context
+    ),
     "closure": make_closure(),
     "callable_object": CallableFactory(),
     "partial": functools.partial(factory_with_options, scale=1.0),
@@ -64,49 +67,63 @@ def test_function_factory(tiny_engine, tiny_reference_tokens):
     assert len({tok for seq in tokens for tok in seq}) > 4
 
 
-@pytest.mark.parametrize("model_cls", [
-    TinyDecoderForCausalLM, "tests.models.tiny_decoder:TinyDecoderForCausalLM"
-], ids=["class", "module_string_class"])
-def test_class_registration(tiny_checkpoint, tiny_reference_tokens,
-                            model_cls):
+@pytest.mark.parametrize(
+    "model_cls",
+    [TinyDecoderForCausalLM, "tests.models.tiny_decoder:TinyDecoderForCausalLM"],
+    ids=["class", "module_string_class"],
+)
+def test_class_registration(tiny_checkpoint, tiny_reference_tokens, model_cls):
     """Stock vLLM registrations still resolve to the class itself."""
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyAsClass", model_cls)
     assert ModelRegistry.models["TinyAsClass"].load_model_cls() is (
-        TinyDecoderForCausalLM)
+        TinyDecoderForCausalLM
+    )
     assert run_llm(path, "TinyAsClass") == tiny_reference_tokens
 
 
 @pytest.mark.parametrize("form", list(REGISTRATIONS))
-def test_factory_registration_matches_reference(tiny_checkpoint,
-                                                tiny_reference_tokens, form):
+def test_factory_registration_matches_reference(
+    tiny_checkpoint, tiny_reference_tokens, form
+):
     path, _ = tiny_checkpoint
     arch = f"Tiny_{form}"
     ModelRegistry.register_model(arch, REGISTRATIONS[form])
     assert run_llm(path, arch) == tiny_reference_tokens
 
 
-def test_module_string_from_script_directory(tiny_checkpoint,
-                                             tiny_reference_tokens, tmp_path):
-    """"script_dir_factories:build" names a module that only the script's
+def test_module_string_from_script_directory(
+    tiny_checkpoint, tiny_reference_tokens, tmp_path
+):
+    """ "script_dir_factories:build" names a module that only the script's
     directory holds; the script runs from another working directory, so
     vLLM's inspection subprocess and spawned processes must get the
     parent's import path to find it."""
     path, _ = tiny_checkpoint
     env = dict(os.environ, PYTHONPATH=str(REPO))  # not the script's dir
-    assert generate_in_script(SCRIPT, path, tmp_path, env) == (
-        tiny_reference_tokens)
+    assert generate_in_script(SCRIPT, path, tmp_path, env) == (tiny_reference_tokens)
 
 
 def generate_in_script(script: Path, model_dir, cwd, env) -> list:
     """The greedy tokens a script prints ("TOKENS [...]") for PROMPTS."""
     result = subprocess.run(
-        [sys.executable, str(script), str(model_dir), json.dumps(PROMPTS),
-         str(MAX_TOKENS)], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=300)
+        [
+            sys.executable,
+            str(script),
+            str(model_dir),
+            json.dumps(PROMPTS),
+            str(MAX_TOKENS),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    line = next(line for line in result.stdout.splitlines()
-                if line.startswith("TOKENS "))
+    line = next(
+        line for line in result.stdout.splitlines() if line.startswith("TOKENS ")
+    )
     return json.loads(line.removeprefix("TOKENS "))
 
 
@@ -122,20 +139,28 @@ def test_unimportable_module_string_is_refused_at_registration():
 def _shard_info(model):
     """Runs in each worker: what the factory built there."""
     layer = model.model.layers[0]
-    return (model.parallel_context.tp_rank, model.parallel_context.tp_size,
-            list(layer.attn.q_proj.weight.shape),
-            list(layer.mlp.down_proj.weight.shape))
+    return (
+        model.parallel_context.tp_rank,
+        model.parallel_context.tp_size,
+        list(layer.attn.q_proj.weight.shape),
+        list(layer.mlp.down_proj.weight.shape),
+    )
 
 
-def test_lambda_tensor_parallel_matches_reference(tiny_engine_tp2,
-                                                  tiny_reference_tokens):
+def test_lambda_tensor_parallel_matches_reference(
+    tiny_engine_tp2, tiny_reference_tokens
+):
     config = TinyConfig()
     assert greedy_tokens(tiny_engine_tp2) == tiny_reference_tokens
     shards = tiny_engine_tp2.apply_model(_shard_info)
     q_rows = config.num_attention_heads * config.head_dim // 2
     assert sorted(list(s) for s in shards) == [
-        [rank, 2, [q_rows, config.hidden_size],
-         [config.hidden_size, config.intermediate_size // 2]]
+        [
+            rank,
+            2,
+            [q_rows, config.hidden_size],
+            [config.hidden_size, config.intermediate_size // 2],
+        ]
         for rank in (0, 1)
     ]
 
@@ -154,19 +179,24 @@ print("RESOLVED", arch, issubclass(model_cls, CallableModelWrapper))
 """
 
 
-def test_registration_arriving_after_import_is_adopted(tmp_path,
-                                                       monkeypatch):
+def test_registration_arriving_after_import_is_adopted(tmp_path, monkeypatch):
     """A Ray worker imports vLLM before vLLM's Ray executor copies the
     driver's environment into it; the registration that arrives then is
     adopted when its architecture is first looked up."""
     from tests.models.tiny_decoder import build_tiny_decoder, write_checkpoint
     from vllm.model_executor.models.registry_propagation import (
-        ENV_VAR, propagate_registration)
+        ENV_VAR,
+        propagate_registration,
+    )
+
     write_checkpoint(tmp_path / "model", arch="TinyArrivesLate")
     monkeypatch.delenv(ENV_VAR, raising=False)  # restored afterwards
-    propagate_registration("TinyArrivesLate",
-                           lambda vllm_config, parallel_context:
-                           build_tiny_decoder(vllm_config, parallel_context))
+    propagate_registration(
+        "TinyArrivesLate",
+        lambda vllm_config, parallel_context: build_tiny_decoder(
+            vllm_config, parallel_context
+        ),
+    )
     payload = os.environ[ENV_VAR]
     monkeypatch.delenv(ENV_VAR)
     (tmp_path / "late.py").write_text(LATE_ARRIVAL)
@@ -174,9 +204,13 @@ def test_registration_arriving_after_import_is_adopted(tmp_path,
 
     def run(*args):
         return subprocess.run(
-            [sys.executable, str(tmp_path / "late.py"),
-             str(tmp_path / "model"), *args], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=300)
+            [sys.executable, str(tmp_path / "late.py"), str(tmp_path / "model"), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     arrived = run(payload)
     assert arrived.returncode == 0, (arrived.stdout + arrived.stderr)[-3000:]
@@ -214,7 +248,8 @@ if __name__ == "__main__":
 
 
 def test_installed_package_registers_through_vllm_plugin(
-        tiny_checkpoint, tiny_reference_tokens, tmp_path):
+    tiny_checkpoint, tiny_reference_tokens, tmp_path
+):
     """An installed package registers its factory from vLLM's
     `vllm.general_plugins` entry point; a script that never calls
     register_model serves it. The package is "installed" as pip leaves it:
@@ -226,14 +261,18 @@ def test_installed_package_registers_through_vllm_plugin(
     dist_info = site / "tiny_plugin_models-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: tiny-plugin-models\nVersion: 0.1\n")
+        "Metadata-Version: 2.1\nName: tiny-plugin-models\nVersion: 0.1\n"
+    )
     (dist_info / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\ntiny_models = tiny_plugin_models:register\n")
+        "[vllm.general_plugins]\ntiny_models = tiny_plugin_models:register\n"
+    )
     script = tmp_path / "generate.py"
     script.write_text(GENERATE_WITHOUT_REGISTERING)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
-               VLLM_LOGGING_LEVEL="ERROR")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
+        VLLM_LOGGING_LEVEL="ERROR",
+    )
     env.pop("VLLM_MODEL_REGISTRATIONS", None)
     env.pop("VLLM_PLUGINS", None)  # every installed plugin loads
-    assert generate_in_script(script, path, tmp_path, env) == (
-        tiny_reference_tokens)
+    assert generate_in_script(script, path, tmp_path, env) == (tiny_reference_tokens)

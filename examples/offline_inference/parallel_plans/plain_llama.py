@@ -26,8 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention)
+from vllm.model_executor.layers.trainable_attention import TrainableFlashAttention
 
 ARCH = "PlainLlamaForCausalLM"
 
@@ -50,9 +49,11 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "LlamaConfig":
-        values = {name: getattr(hf_config, name)
-                  for name in cls.__dataclass_fields__
-                  if getattr(hf_config, name, None) is not None}
+        values = {
+            name: getattr(hf_config, name)
+            for name in cls.__dataclass_fields__
+            if getattr(hf_config, name, None) is not None
+        }
         # transformers >= 5 keeps rope_theta in rope_parameters
         rope = getattr(hf_config, "rope_parameters", None) or {}
         if "rope_theta" in rope:
@@ -64,17 +65,14 @@ def rotate(x, cos, sin):
     """Rotary embedding, rotate-half layout (as Llama checkpoints expect)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin),
-                     -1).to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
-
     def __init__(self, config: LlamaConfig):
         super().__init__()
         dim, head_dim = config.hidden_size, config.head_dim
-        heads, kv_heads = (config.num_attention_heads,
-                           config.num_key_value_heads)
+        heads, kv_heads = (config.num_attention_heads, config.num_key_value_heads)
         self.head_dim = head_dim
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
@@ -82,14 +80,16 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
         self.attn = TrainableFlashAttention(heads, head_dim, kv_heads)
         half = head_dim // 2
-        inv_freq = config.rope_theta**(
-            -torch.arange(half, dtype=torch.float32) / half)
+        inv_freq = config.rope_theta ** (
+            -torch.arange(half, dtype=torch.float32) / half
+        )
         angles = torch.outer(
-            torch.arange(config.max_position_embeddings,
-                         dtype=torch.float32), inv_freq)
+            torch.arange(config.max_position_embeddings, dtype=torch.float32), inv_freq
+        )
         # built once, in fp32, on the device the module is built on
-        self.register_buffer("rope", torch.cat((angles.cos(), angles.sin()),
-                                               -1), persistent=False)
+        self.register_buffer(
+            "rope", torch.cat((angles.cos(), angles.sin()), -1), persistent=False
+        )
 
     def forward(self, x, positions, cu_seqlens=None):
         tokens = x.shape[0]
@@ -98,13 +98,13 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(tokens, -1, self.head_dim)
         v = self.v_proj(x).view(tokens, -1, self.head_dim)
         cos, sin = self.rope[positions][:, None].chunk(2, dim=-1)
-        out = self.attn(rotate(q, cos, sin), rotate(k, cos, sin), v,
-                        cu_seqlens=cu_seqlens)
+        out = self.attn(
+            rotate(q, cos, sin), rotate(k, cos, sin), v, cu_seqlens=cu_seqlens
+        )
         return self.o_proj(out.reshape(tokens, -1))
 
 
 class LlamaMLP(nn.Module):
-
     def __init__(self, config: LlamaConfig):
         super().__init__()
         dim, hidden = config.hidden_size, config.intermediate_size
@@ -117,14 +117,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-
     def __init__(self, config: LlamaConfig):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
         self.self_attn = LlamaAttention(config)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size,
-                                                   eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
         self.mlp = LlamaMLP(config)
 
     def forward(self, x, positions, cu_seqlens=None):
@@ -133,14 +131,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size,
-                                         config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config)
-            for _ in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
@@ -177,8 +173,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size,
-                                 bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -195,8 +190,7 @@ class LlamaForCausalLM(nn.Module):
 def build_plain_llama(vllm_config, parallel_context):
     """The factory vLLM calls in each worker: the model as written for
     training; vLLM applies its plans."""
-    return LlamaForCausalLM(
-        LlamaConfig.from_hf(vllm_config.model_config.hf_config))
+    return LlamaForCausalLM(LlamaConfig.from_hf(vllm_config.model_config.hf_config))
 
 
 # The module is one graph without Python-side data dependence, so vLLM
@@ -208,9 +202,21 @@ def save_checkpoint(model: LlamaForCausalLM, path: Path) -> None:
     """A Hugging Face Llama checkpoint of `model`; a tied lm_head is stored
     once, as the embedding (as `save_pretrained` does)."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file({name: param.detach().contiguous().cpu()
-               for name, param in model.named_parameters()},  # one per tie
-              str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(dict(
-        asdict(model.config), architectures=[ARCH], model_type="llama",
-        torch_dtype="float32"), indent=1))
+    save_file(
+        {
+            name: param.detach().contiguous().cpu()
+            for name, param in model.named_parameters()
+        },  # one per tie
+        str(path / "model.safetensors"),
+    )
+    (path / "config.json").write_text(
+        json.dumps(
+            dict(
+                asdict(model.config),
+                architectures=[ARCH],
+                model_type="llama",
+                torch_dtype="float32",
+            ),
+            indent=1,
+        )
+    )

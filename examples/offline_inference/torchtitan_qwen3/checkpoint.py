@@ -37,31 +37,36 @@ def prepare_model_dir(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"{path} has no config.json; see the docstring of "
             "examples/offline_inference/torchtitan_qwen3/checkpoint.py "
-            "for the fields it needs.")
+            "for the fields it needs."
+        )
     if list(path.glob("*.safetensors")):
         return path
-    dcp_dir = next((d for d in (path, path / "checkpoint")
-                    if (d / ".metadata").exists()), None)
-    torch_files = sorted(p for p in path.iterdir()
-                         if p.suffix in TORCH_SAVE_SUFFIXES)
+    dcp_dir = next(
+        (d for d in (path, path / "checkpoint") if (d / ".metadata").exists()), None
+    )
+    torch_files = sorted(p for p in path.iterdir() if p.suffix in TORCH_SAVE_SUFFIXES)
     sources = sorted(dcp_dir.iterdir()) if dcp_dir else torch_files
     if not sources:
         raise FileNotFoundError(
             f"{path} holds no weights: expected *.safetensors, a torch.save "
             f"file ({', '.join(TORCH_SAVE_SUFFIXES)}) or a DCP checkpoint "
-            "(.metadata + *.distcp).")
+            "(.metadata + *.distcp)."
+        )
     cache = path / CACHE
     stamp = _fingerprint(sources)
     if (cache / stamp).exists():
         return cache
-    state_dict = (_read_dcp(dcp_dir) if dcp_dir else _read_torch_files(
-        torch_files))
+    state_dict = _read_dcp(dcp_dir) if dcp_dir else _read_torch_files(torch_files)
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir()
     # safetensors refuses tensors that share storage (tied weights)
-    save_file({name: tensor.detach().clone().contiguous()
-               for name, tensor in state_dict.items()},
-              str(cache / "model.safetensors"))
+    save_file(
+        {
+            name: tensor.detach().clone().contiguous()
+            for name, tensor in state_dict.items()
+        },
+        str(cache / "model.safetensors"),
+    )
     for item in path.iterdir():
         if item.is_file() and item.suffix in (".json", ".txt", ".model"):
             shutil.copy(item, cache / item.name)
@@ -82,8 +87,9 @@ def flatten(state_dict: dict, prefix: str = "") -> dict[str, torch.Tensor]:
         elif key in ("step", "epoch", "train_state", "dataloader"):
             continue
         else:
-            raise ValueError(f"{name} is a {type(value).__name__}, not a "
-                             "tensor or a dict of tensors")
+            raise ValueError(
+                f"{name} is a {type(value).__name__}, not a tensor or a dict of tensors"
+            )
     return flat
 
 
@@ -93,20 +99,28 @@ def _read_torch_files(files: list[Path]) -> dict[str, torch.Tensor]:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
         state_dict.update(flatten(loaded))
     # Only model weights: optimizer state would not match any parameter.
-    return {k: v for k, v in state_dict.items()
-            if not k.startswith(("optimizer.", "lr_scheduler."))}
+    return {
+        k: v
+        for k, v in state_dict.items()
+        if not k.startswith(("optimizer.", "lr_scheduler."))
+    }
 
 
 def _read_dcp(directory: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import (
-        _load_state_dict_from_keys)
+        _load_state_dict_from_keys,
+    )
+
     metadata = FileSystemReader(str(directory)).read_metadata()
-    keys = {key for key in metadata.state_dict_metadata
-            if not key.startswith(("optimizer", "lr_scheduler", "dataloader",
-                                   "train_state"))}
-    loaded = _load_state_dict_from_keys(keys=keys,
-                                        checkpoint_id=str(directory))
+    keys = {
+        key
+        for key in metadata.state_dict_metadata
+        if not key.startswith(
+            ("optimizer", "lr_scheduler", "dataloader", "train_state")
+        )
+    }
+    loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=str(directory))
     return flatten(loaded)
 
 

@@ -26,17 +26,20 @@ from model import register  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True)
-    parser.add_argument("--prompt", action="append", default=[],
-                        help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file",
-                        help="a file with one prompt per line")
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="a prompt (repeatable)"
+    )
+    parser.add_argument("--prompts-file", help="a file with one prompt per line")
     parser.add_argument("--max-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="no torch.compile or CUDA graphs: faster start, slower steps")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no torch.compile or CUDA graphs: faster start, slower steps",
+    )
     args = parser.parse_args(argv)
     if args.prompts_file:
         lines = Path(args.prompts_file).read_text().splitlines()
@@ -49,19 +52,26 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from vllm import LLM, SamplingParams
+
     if args.tensor_parallel_size > 1 and not _has_cuda():
         os.environ.setdefault(
             "VLLM_CPU_OMP_THREADS_BIND",
-            "|".join(map(str, range(args.tensor_parallel_size))))
+            "|".join(map(str, range(args.tensor_parallel_size))),
+        )
     register()
-    llm = LLM(model=str(prepare_model_dir(args.model_path)),
-              tensor_parallel_size=args.tensor_parallel_size,
-              gpu_memory_utilization=0.5 if _has_cuda() else 0.3,
-              seed=args.seed, enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model=str(prepare_model_dir(args.model_path)),
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=0.5 if _has_cuda() else 0.3,
+        seed=args.seed,
+        enforce_eager=args.enforce_eager,
+    )
     outputs = llm.generate(
         args.prompt,
-        SamplingParams(max_tokens=args.max_tokens,
-                       temperature=args.temperature, top_p=args.top_p))
+        SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p
+        ),
+    )
     for output in outputs:
         print(f"Prompt: {output.prompt!r}")
         print(f"Completion: {output.outputs[0].text!r}")
@@ -70,6 +80,7 @@ def main(argv=None):
 
 def _has_cuda():
     import torch
+
     return torch.cuda.is_available()
 
 

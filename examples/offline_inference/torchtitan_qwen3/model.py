@@ -30,8 +30,7 @@ import torch.distributed
 from torch import nn
 from torch.nn import functional as F
 
-from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention)
+from vllm.model_executor.layers.trainable_attention import TrainableFlashAttention
 from vllm.model_executor.models.callable_model import load_weights_by_name
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.parallel_context import ParallelContext
@@ -58,9 +57,11 @@ class Qwen3Config:
 
     @classmethod
     def from_hf(cls, hf_config) -> "Qwen3Config":
-        values = {name: getattr(hf_config, name)
-                  for name in cls.__dataclass_fields__
-                  if getattr(hf_config, name, None) is not None}
+        values = {
+            name: getattr(hf_config, name)
+            for name in cls.__dataclass_fields__
+            if getattr(hf_config, name, None) is not None
+        }
         # transformers >= 5 keeps rope_theta in rope_parameters
         rope = getattr(hf_config, "rope_parameters", None) or {}
         if "rope_theta" in rope:
@@ -72,22 +73,25 @@ class ColumnShard(nn.Linear):
     """A slice of the output features; loads it from the full weight."""
 
     def __init__(self, in_features, out_features, pc: ParallelContext):
-        super().__init__(in_features, pc.shard_size(out_features,
-                                                    "out_features"),
-                         bias=False)
+        super().__init__(
+            in_features, pc.shard_size(out_features, "out_features"), bias=False
+        )
         self.weight.weight_loader = lambda param, full: param.copy_(
-            full.chunk(pc.tp_size, 0)[pc.tp_rank])
+            full.chunk(pc.tp_size, 0)[pc.tp_rank]
+        )
 
 
 class RowShard(nn.Linear):
     """A slice of the input features; all-reduces the partial outputs."""
 
     def __init__(self, in_features, out_features, pc: ParallelContext):
-        super().__init__(pc.shard_size(in_features, "in_features"),
-                         out_features, bias=False)
+        super().__init__(
+            pc.shard_size(in_features, "in_features"), out_features, bias=False
+        )
         self.pc = pc
         self.weight.weight_loader = lambda param, full: param.copy_(
-            full.chunk(pc.tp_size, 1)[pc.tp_rank])
+            full.chunk(pc.tp_size, 1)[pc.tp_rank]
+        )
 
     def forward(self, x):
         out = super().forward(x)
@@ -97,7 +101,6 @@ class RowShard(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -113,10 +116,10 @@ def rope_cache(max_positions, head_dim, theta):
     """cos and sin of the rotary angles `[max_positions, head_dim]` (cos in
     the first half), precomputed once as TorchTitan does (`freqs_cis`)."""
     half = head_dim // 2
-    inv_freq = 1.0 / theta**(
-        torch.arange(0, half, dtype=torch.float32) / half)
-    angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * (
-        inv_freq[None, :])
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, dtype=torch.float32) / half)
+    angles = (
+        torch.arange(max_positions, dtype=torch.float32)[:, None] * (inv_freq[None, :])
+    )
     return torch.cat((angles.cos(), angles.sin()), -1)
 
 
@@ -124,18 +127,16 @@ def apply_rope(x, cos, sin):
     """Rotary embedding, rotate-half layout (as Qwen3 checkpoints expect)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin),
-                     -1).to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
 
 
 class Attention(nn.Module):
-
     def __init__(self, config: Qwen3Config, pc: ParallelContext):
         super().__init__()
-        self.n_heads = pc.shard_size(config.num_attention_heads,
-                                     "num_attention_heads")
-        self.n_kv_heads = pc.shard_size(config.num_key_value_heads,
-                                        "num_key_value_heads")
+        self.n_heads = pc.shard_size(config.num_attention_heads, "num_attention_heads")
+        self.n_kv_heads = pc.shard_size(
+            config.num_key_value_heads, "num_key_value_heads"
+        )
         self.head_dim = config.head_dim
         dim, hd = config.hidden_size, config.head_dim
         self.wq = ColumnShard(dim, config.num_attention_heads * hd, pc)
@@ -145,13 +146,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
         self.inner_attention = TrainableFlashAttention(
-            self.n_heads, hd, self.n_kv_heads)
+            self.n_heads, hd, self.n_kv_heads
+        )
 
     def forward(self, x, rope, cu_seqlens=None):
         tokens = x.shape[0]
         q = self.q_norm(self.wq(x).view(tokens, self.n_heads, self.head_dim))
-        k = self.k_norm(self.wk(x).view(tokens, self.n_kv_heads,
-                                        self.head_dim))
+        k = self.k_norm(self.wk(x).view(tokens, self.n_kv_heads, self.head_dim))
         v = self.wv(x).view(tokens, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.inner_attention(q, k, v, cu_seqlens=cu_seqlens)
@@ -159,13 +160,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-
     def __init__(self, config: Qwen3Config, pc: ParallelContext):
         super().__init__()
-        self.w1 = ColumnShard(config.hidden_size, config.intermediate_size,
-                              pc)
-        self.w3 = ColumnShard(config.hidden_size, config.intermediate_size,
-                              pc)
+        self.w1 = ColumnShard(config.hidden_size, config.intermediate_size, pc)
+        self.w3 = ColumnShard(config.hidden_size, config.intermediate_size, pc)
         self.w2 = RowShard(config.intermediate_size, config.hidden_size, pc)
 
     def forward(self, x):
@@ -173,7 +171,6 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-
     def __init__(self, config: Qwen3Config, pc: ParallelContext):
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -202,37 +199,40 @@ class Qwen3Model(nn.Module):
         },
     )
 
-    def __init__(self, config: Qwen3Config,
-                 parallel_context: ParallelContext | None = None):
+    def __init__(
+        self, config: Qwen3Config, parallel_context: ParallelContext | None = None
+    ):
         super().__init__()
         pc = parallel_context or ParallelContext()
         self.config = config
         self.parallel_context = pc
-        self.tok_embeddings = nn.Embedding(config.vocab_size,
-                                           config.hidden_size)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         # ModuleList, not TorchTitan's ModuleDict: same "layers.N" names.
         self.layers = nn.ModuleList(
-            TransformerBlock(config, pc)
-            for _ in range(config.num_hidden_layers))
+            TransformerBlock(config, pc) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # not in checkpoints: rebuilt from the config
         self.register_buffer(
             "rope_cache",
-            rope_cache(config.max_position_embeddings, config.head_dim,
-                       config.rope_theta),
-            persistent=False)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size,
-                                bias=False)
+            rope_cache(
+                config.max_position_embeddings, config.head_dim, config.rope_theta
+            ),
+            persistent=False,
+        )
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
     def embed_input_ids(self, input_ids):
         return self.tok_embeddings(input_ids)
 
-    def forward(self, input_ids, positions, cu_seqlens=None,
-                inputs_embeds=None):
-        h = (inputs_embeds if inputs_embeds is not None else
-             self.tok_embeddings(input_ids))
+    def forward(self, input_ids, positions, cu_seqlens=None, inputs_embeds=None):
+        h = (
+            inputs_embeds
+            if inputs_embeds is not None
+            else self.tok_embeddings(input_ids)
+        )
         # [tokens, 1, head_dim // 2] each, shared by all layers
         rope = self.rope_cache[positions].unsqueeze(1).chunk(2, -1)
         for layer in self.layers:
@@ -245,9 +245,12 @@ class Qwen3Model(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         """Loading by name after splitting a fused `attention.wqkv`. With
         tied embeddings `output.weight` names the embedding tensor."""
-        return load_weights_by_name(self, self._unfuse(weights),
-                                    model_name=ARCH,
-                                    parallel_context=self.parallel_context)
+        return load_weights_by_name(
+            self,
+            self._unfuse(weights),
+            model_name=ARCH,
+            parallel_context=self.parallel_context,
+        )
 
     def _unfuse(self, weights):
         config = self.config
@@ -255,11 +258,13 @@ class Qwen3Model(nn.Module):
         kv = config.num_key_value_heads * config.head_dim
         for name, tensor in weights:
             if name.endswith(".attention.wqkv.weight"):
-                prefix = name[:-len("wqkv.weight")]
+                prefix = name[: -len("wqkv.weight")]
                 wq, wk, wv = tensor.split([q, kv, kv], dim=0)
-                yield from ((prefix + "wq.weight", wq),
-                            (prefix + "wk.weight", wk),
-                            (prefix + "wv.weight", wv))
+                yield from (
+                    (prefix + "wq.weight", wq),
+                    (prefix + "wk.weight", wk),
+                    (prefix + "wv.weight", wv),
+                )
             else:
                 yield name, tensor
 
@@ -302,4 +307,5 @@ build_qwen3.supports_torch_compile = True
 
 def register() -> None:
     from vllm import ModelRegistry
+
     ModelRegistry.register_model(ARCH, build_qwen3)

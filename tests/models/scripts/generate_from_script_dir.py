@@ -12,17 +12,27 @@ import sys
 from vllm import LLM, ModelRegistry, SamplingParams
 
 if __name__ == "__main__":
-    model_dir, prompts, max_tokens = sys.argv[1], json.loads(
-        sys.argv[2]), int(sys.argv[3])
-    ModelRegistry.register_model("TinyFromScriptDir",
-                                 "script_dir_factories:build")
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32",
-              hf_overrides={"architectures": ["TinyFromScriptDir"]},
-              gpu_memory_utilization=0.1, max_model_len=512, seed=0,
-              enforce_eager=True)
+    model_dir, prompts, max_tokens = (
+        sys.argv[1],
+        json.loads(sys.argv[2]),
+        int(sys.argv[3]),
+    )
+    ModelRegistry.register_model("TinyFromScriptDir", "script_dir_factories:build")
+    llm = LLM(
+        model=model_dir,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        hf_overrides={"architectures": ["TinyFromScriptDir"]},
+        gpu_memory_utilization=0.1,
+        max_model_len=512,
+        seed=0,
+        enforce_eager=True,
+    )
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
-        SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                       ignore_eos=True, detokenize=False), use_tqdm=False)
-    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids)
-                                  for o in outputs]))
+        SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+        ),
+        use_tqdm=False,
+    )
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))

@@ -41,8 +41,8 @@ class PlainLinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if current_platform.is_cpu():
-            from vllm.model_executor.layers.utils import (
-                dispatch_cpu_unquantized_gemm)
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
             with torch.no_grad():  # user layers' weights require grad
                 dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
         else:
@@ -62,30 +62,35 @@ class VllmLinearForward(nn.Linear):
 
 @functools.cache
 def _with_vllm_forward(cls: type[nn.Linear]) -> type[nn.Linear]:
-    bases = (VllmLinearForward, ) if cls is nn.Linear else (
-        cls, VllmLinearForward)
+    bases = (VllmLinearForward,) if cls is nn.Linear else (cls, VllmLinearForward)
     # MRO: cls, its bases up to nn.Linear, VllmLinearForward, nn.Linear
-    return type(cls.__name__, bases, {
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__
-    })
+    return type(
+        cls.__name__,
+        bases,
+        {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
 
 
 def _adoptable(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear)
-            and not isinstance(module, VllmLinearForward)
-            # a parametrized weight is recomputed at every access
-            and not parametrize.is_parametrized(module)
-            and isinstance(module.weight, nn.Parameter)
-            and module.weight.dim() == 2)
+    return (
+        isinstance(module, nn.Linear)
+        and not isinstance(module, VllmLinearForward)
+        # a parametrized weight is recomputed at every access
+        and not parametrize.is_parametrized(module)
+        and isinstance(module.weight, nn.Parameter)
+        and module.weight.dim() == 2
+    )
 
 
 def use_vllm_linear_method(model: nn.Module) -> int:
     """Run every plain `torch.nn.Linear` of `model` through vLLM's linear
     method; returns how many layers were changed. vLLM's model loader then
     processes their weights after loading, as for its own layers."""
-    from vllm.model_executor.layers.utils import (default_unquantized_gemm,
-                                                  dispatch_unquantized_gemm)
+    from vllm.model_executor.layers.utils import (
+        default_unquantized_gemm,
+        dispatch_unquantized_gemm,
+    )
+
     if dispatch_unquantized_gemm() is default_unquantized_gemm:
         return 0  # the platform's GEMM is F.linear: nothing to gain
     count = 0
@@ -97,17 +102,20 @@ def use_vllm_linear_method(model: nn.Module) -> int:
     return count
 
 
-def refresh_vllm_linear_method(model: nn.Module,
-                               loaded: Iterable[torch.Tensor]) -> None:
+def refresh_vllm_linear_method(
+    model: nn.Module, loaded: Iterable[torch.Tensor]
+) -> None:
     """Process again the weights of layers whose weight or bias is among
     the `loaded` tensors, for layers already processed once (weights
     loaded into a running engine)."""
     loaded_ids = {id(tensor) for tensor in loaded}
     for module in model.modules():
-        if not (isinstance(getattr(module, "quant_method", None),
-                           PlainLinearMethod)
-                and getattr(module, "vllm_weights_processed", False)):
+        if not (
+            isinstance(getattr(module, "quant_method", None), PlainLinearMethod)
+            and getattr(module, "vllm_weights_processed", False)
+        ):
             continue
-        if id(module.weight) in loaded_ids or (module.bias is not None and
-                                               id(module.bias) in loaded_ids):
+        if id(module.weight) in loaded_ids or (
+            module.bias is not None and id(module.bias) in loaded_ids
+        ):
             module.quant_method.process_weights_after_loading(module)

@@ -62,6 +62,7 @@ class PagedKernel:
     each query row's result depends only on its own keys and the key
     tiling, not on which other rows share the call.
     """
+
     block_size: int = 16
     flash_attn_version: int = 2
 
@@ -101,13 +102,15 @@ class TrainableFlashAttention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                f"({num_kv_heads}) for grouped-query attention.")
+                f"({num_kv_heads}) for grouped-query attention."
+            )
         if training_backend not in ("auto", "flash", "reference"):
-            raise ValueError(f"training_backend must be 'auto', 'flash' or "
-                             f"'reference', not {training_backend!r}")
+            raise ValueError(
+                f"training_backend must be 'auto', 'flash' or "
+                f"'reference', not {training_backend!r}"
+            )
         if sliding_window is not None and sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1, not "
-                             f"{sliding_window}")
+            raise ValueError(f"sliding_window must be >= 1, not {sliding_window}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -123,9 +126,11 @@ class TrainableFlashAttention(nn.Module):
         self.paged_kernel: PagedKernel | None = None
 
     def extra_repr(self) -> str:
-        return (f"num_heads={self.num_heads}, num_kv_heads="
-                f"{self.num_kv_heads}, head_dim={self.head_dim}, causal="
-                f"{self.causal}, sliding_window={self.sliding_window}")
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads="
+            f"{self.num_kv_heads}, head_dim={self.head_dim}, causal="
+            f"{self.causal}, sliding_window={self.sliding_window}"
+        )
 
     # ---------------------------------------------------------------- vLLM
 
@@ -139,7 +144,8 @@ class TrainableFlashAttention(nn.Module):
         if not self.causal:
             raise ValueError(
                 f"{layer_name}: vLLM serves decoder (causal) attention; "
-                "build TrainableFlashAttention with causal=True.")
+                "build TrainableFlashAttention with causal=True."
+            )
         try:
             attention = Attention(
                 num_heads=self.num_heads,
@@ -154,13 +160,15 @@ class TrainableFlashAttention(nn.Module):
             raise ValueError(
                 f"{layer_name}: vLLM found no attention backend for "
                 f"TrainableFlashAttention({self.extra_repr()}) on this "
-                f"platform: {e}") from e
+                f"platform: {e}"
+            ) from e
         backend = attention.get_attn_backend()
         if not backend.supports_head_size(self.head_dim):
             raise ValueError(
                 f"{layer_name}: head_dim {self.head_dim} is not supported by "
                 f"vLLM's {backend.get_name()} attention backend; supported "
-                f"head sizes: {backend.get_supported_head_sizes()}.")
+                f"head sizes: {backend.get_supported_head_sizes()}."
+            )
         self.vllm_attention = attention
 
     # -------------------------------------------------------------- forward
@@ -179,29 +187,39 @@ class TrainableFlashAttention(nn.Module):
                 raise ValueError(
                     "In a vLLM forward pass pass q, k, v as [num_tokens, "
                     "heads, head_dim] without cu_seqlens: vLLM tracks the "
-                    "sequences itself.")
+                    "sequences itself."
+                )
             num_tokens = q.shape[0]
-            out = self.vllm_attention(q.reshape(num_tokens, -1),
-                                      k.reshape(num_tokens, -1),
-                                      v.reshape(num_tokens, -1))
+            out = self.vllm_attention(
+                q.reshape(num_tokens, -1),
+                k.reshape(num_tokens, -1),
+                v.reshape(num_tokens, -1),
+            )
             return out.view(num_tokens, self.num_heads, self.head_dim)
 
         if q.dim() == 4:  # padded [batch, seq, heads, dim]
             if cu_seqlens is not None:
-                raise ValueError("cu_seqlens goes with packed [tokens, heads,"
-                                 " dim] input, not padded 4-D input.")
+                raise ValueError(
+                    "cu_seqlens goes with packed [tokens, heads,"
+                    " dim] input, not padded 4-D input."
+                )
             batch, seq_len = q.shape[:2]
-            cu_seqlens = torch.arange(0, (batch + 1) * seq_len, seq_len,
-                                      dtype=torch.int32, device=q.device)
-            out = self.forward(q.flatten(0, 1), k.flatten(0, 1),
-                               v.flatten(0, 1), cu_seqlens, seq_len)
+            cu_seqlens = torch.arange(
+                0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device
+            )
+            out = self.forward(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len
+            )
             return out.view(batch, seq_len, self.num_heads, self.head_dim)
         if q.dim() != 3:
-            raise ValueError(f"q must be [tokens, heads, head_dim] or [batch,"
-                             f" seq, heads, head_dim], got {tuple(q.shape)}")
+            raise ValueError(
+                f"q must be [tokens, heads, head_dim] or [batch,"
+                f" seq, heads, head_dim], got {tuple(q.shape)}"
+            )
         if cu_seqlens is None:  # one sequence
-            cu_seqlens = torch.tensor([0, q.shape[0]], dtype=torch.int32,
-                                      device=q.device)
+            cu_seqlens = torch.tensor(
+                [0, q.shape[0]], dtype=torch.int32, device=q.device
+            )
         self._check_cu_seqlens(q, cu_seqlens)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -210,16 +228,39 @@ class TrainableFlashAttention(nn.Module):
             self._check_paged_kernel_inputs(q, dropout)
             kernel = self.paged_kernel
             return PagedFlashAttentionVarlen.apply(
-                q, k, v, cu_seqlens, max_seqlen, self.softmax_scale,
-                self._window_left(), kernel.block_size,
-                kernel.flash_attn_version)
+                q,
+                k,
+                v,
+                cu_seqlens,
+                max_seqlen,
+                self.softmax_scale,
+                self._window_left(),
+                kernel.block_size,
+                kernel.flash_attn_version,
+            )
         if self._use_flash(q):
-            return FlashAttentionVarlen.apply(q, k, v, cu_seqlens, max_seqlen,
-                                              self.softmax_scale, self.causal,
-                                              self._window_left(), dropout)
+            return FlashAttentionVarlen.apply(
+                q,
+                k,
+                v,
+                cu_seqlens,
+                max_seqlen,
+                self.softmax_scale,
+                self.causal,
+                self._window_left(),
+                dropout,
+            )
         _log_backend_once("reference (SDPA per sequence)")
-        return reference_attention(q, k, v, cu_seqlens, self.softmax_scale,
-                                   self.causal, self.sliding_window, dropout)
+        return reference_attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            self.softmax_scale,
+            self.causal,
+            self.sliding_window,
+            dropout,
+        )
 
     def _use_flash(self, q: torch.Tensor) -> bool:
         if self.training_backend == "reference":
@@ -229,73 +270,89 @@ class TrainableFlashAttention(nn.Module):
             raise ValueError(
                 "training_backend='flash' needs fp16/bf16 tensors on a CUDA "
                 f"device, got {q.dtype} on {q.device}; use 'reference' or "
-                "'auto' for other inputs.")
+                "'auto' for other inputs."
+            )
         return usable
 
-    def _check_paged_kernel_inputs(self, q: torch.Tensor,
-                                   dropout: float) -> None:
-        if _vllm_flash_varlen() is None or not q.is_cuda or q.dtype not in (
-                torch.float16, torch.bfloat16):
+    def _check_paged_kernel_inputs(self, q: torch.Tensor, dropout: float) -> None:
+        if (
+            _vllm_flash_varlen() is None
+            or not q.is_cuda
+            or q.dtype not in (torch.float16, torch.bfloat16)
+        ):
             raise ValueError(
                 "use_generator_attention_kernel needs vLLM's flash-attn "
                 "kernels (vllm.vllm_flash_attn) and fp16/bf16 tensors on "
-                f"CUDA, got {q.dtype} on {q.device}.")
+                f"CUDA, got {q.dtype} on {q.device}."
+            )
         if dropout or not self.causal:
             raise ValueError(
                 "use_generator_attention_kernel reproduces vLLM's causal "
                 "attention without dropout; this module has causal="
-                f"{self.causal}, dropout={self.dropout}.")
+                f"{self.causal}, dropout={self.dropout}."
+            )
 
     def _window_left(self) -> int:
         return -1 if self.sliding_window is None else self.sliding_window - 1
 
     def _check_heads(self, q, k, v) -> None:
         if not (q.dtype == k.dtype == v.dtype):
-            raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, "
-                             f"{k.dtype}, {v.dtype}")
+            raise ValueError(
+                f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+            )
         if not (q.device == k.device == v.device):
-            raise ValueError(f"q, k, v must be on one device, got {q.device},"
-                             f" {k.device}, {v.device}")
-        expected = ((self.num_heads, self.head_dim),
-                    (self.num_kv_heads, self.head_dim),
-                    (self.num_kv_heads, self.head_dim))
+            raise ValueError(
+                f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+            )
+        expected = (
+            (self.num_heads, self.head_dim),
+            (self.num_kv_heads, self.head_dim),
+            (self.num_kv_heads, self.head_dim),
+        )
         for name, tensor, heads in zip("qkv", (q, k, v), expected):
             if tuple(tensor.shape[-2:]) != heads:
                 raise ValueError(
                     f"{name} has shape {tuple(tensor.shape)}; expected "
                     f"[..., {heads[0]} heads, {heads[1]} head_dim] for this "
-                    f"module ({self.extra_repr()}).")
+                    f"module ({self.extra_repr()})."
+                )
 
     @staticmethod
     def _check_cu_seqlens(q: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-            raise ValueError("cu_seqlens must be a 1-D int32 tensor, got "
-                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                "cu_seqlens must be a 1-D int32 tensor, got "
+                f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != q.shape[0]:
             raise ValueError(
                 f"cu_seqlens must start at 0 and end at the token count "
-                f"({q.shape[0]}), got {cu_seqlens.tolist()}")
+                f"({q.shape[0]}), got {cu_seqlens.tolist()}"
+            )
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must not decrease, got "
-                             f"{cu_seqlens.tolist()}")
+            raise ValueError(f"cu_seqlens must not decrease, got {cu_seqlens.tolist()}")
 
 
-def bind_trainable_attention(model: nn.Module, cache_config=None,
-                             prefix: str = "") -> int:
+def bind_trainable_attention(
+    model: nn.Module, cache_config=None, prefix: str = ""
+) -> int:
     """Bind every unbound `TrainableFlashAttention` in `model` to vLLM,
     named by its module path under `prefix`. Returns how many were bound."""
     bound = 0
     for name, module in model.named_modules():
-        if (isinstance(module, TrainableFlashAttention)
-                and module.vllm_attention is None):
+        if (
+            isinstance(module, TrainableFlashAttention)
+            and module.vllm_attention is None
+        ):
             path = f"{prefix}.{name}" if prefix else name
             module.bind_to_vllm(f"{path}.vllm_attention", cache_config)
             bound += 1
     return bound
 
 
-def use_generator_attention_kernel(model: nn.Module, block_size: int = 16,
-                                   flash_attn_version: int = 2) -> int:
+def use_generator_attention_kernel(
+    model: nn.Module, block_size: int = 16, flash_attn_version: int = 2
+) -> int:
     """Run the training forward of every `TrainableFlashAttention` in
     `model` through the kernel vLLM's FLASH_ATTN backend runs: keys and
     values copied into pages of `block_size` tokens, vLLM's
@@ -306,11 +363,12 @@ def use_generator_attention_kernel(model: nn.Module, block_size: int = 16,
     rows then equal the generator's bit for bit. Gradients still come from
     the flash backward kernel. Returns how many modules were switched."""
     if block_size < 1 or block_size % 16:
-        raise ValueError(f"block_size must be a positive multiple of 16 "
-                         f"(vLLM's flash KV cache pages), got {block_size}")
+        raise ValueError(
+            f"block_size must be a positive multiple of 16 "
+            f"(vLLM's flash KV cache pages), got {block_size}"
+        )
     if flash_attn_version not in (2, 3):
-        raise ValueError(f"flash_attn_version must be 2 or 3, got "
-                         f"{flash_attn_version}")
+        raise ValueError(f"flash_attn_version must be 2 or 3, got {flash_attn_version}")
     kernel = PagedKernel(block_size, flash_attn_version)
     switched = 0
     for module in model.modules():
@@ -329,11 +387,11 @@ def pack_sequences(
     positions restart at 0 for each sequence, `cu_seqlens` (int32) holds
     the boundaries."""
     lengths = [len(sequence) for sequence in sequences]
-    input_ids = torch.tensor([t for sequence in sequences for t in sequence],
-                             device=device)
+    input_ids = torch.tensor(
+        [t for sequence in sequences for t in sequence], device=device
+    )
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(
-        0, dtype=torch.int32)
+    cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0, dtype=torch.int32)
     return input_ids, positions, cu_seqlens
 
 
@@ -341,6 +399,7 @@ def _in_vllm_forward() -> bool:
     # Imported here: vllm.forward_context imports vllm.config, which must
     # not be a dependency of importing this layer.
     from vllm.forward_context import is_forward_context_available
+
     return is_forward_context_available()
 
 
@@ -356,8 +415,9 @@ def _log_backend_once(name: str) -> None:
 # ---------------------------------------------------------------- reference
 
 
-def reference_attention(q, k, v, cu_seqlens, scale, causal, sliding_window,
-                        dropout=0.0) -> torch.Tensor:
+def reference_attention(
+    q, k, v, cu_seqlens, scale, causal, sliding_window, dropout=0.0
+) -> torch.Tensor:
     """Attention of each packed sequence on its own, through SDPA."""
     group = q.shape[1] // k.shape[1]
     outputs = []
@@ -371,7 +431,8 @@ def reference_attention(q, k, v, cu_seqlens, scale, causal, sliding_window,
         vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
         mask = _mask(end - start, causal, sliding_window, q.device)
         out = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, dropout_p=dropout, scale=scale)
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, scale=scale
+        )
         outputs.append(out.transpose(0, 1))
     if not outputs:
         return q.new_empty(q.shape)
@@ -406,45 +467,77 @@ class FlashAttentionVarlen(torch.autograd.Function):
     """FA2 varlen forward and the flash backward kernel."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal,
-                window_left, dropout):
+    def forward(
+        ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, dropout
+    ):
         vllm_varlen = _vllm_flash_varlen()
         window_right = 0 if causal else window_left
         if vllm_varlen is not None and dropout == 0.0:
-            _log_backend_once("FA2 varlen (vllm_flash_attn) + "
-                              "aten._flash_attention_backward")
+            _log_backend_once(
+                "FA2 varlen (vllm_flash_attn) + aten._flash_attention_backward"
+            )
             out, lse = vllm_varlen(
-                q, k, v, max_seqlen_q=max_seqlen, cu_seqlens_q=cu_seqlens,
-                max_seqlen_k=max_seqlen, cu_seqlens_k=cu_seqlens,
-                softmax_scale=scale, causal=causal,
-                window_size=(window_left, window_right), fa_version=2,
-                return_softmax_lse=True)
-            seed = offset = torch.empty(0, dtype=torch.int64,
-                                        device=q.device)
+                q,
+                k,
+                v,
+                max_seqlen_q=max_seqlen,
+                cu_seqlens_q=cu_seqlens,
+                max_seqlen_k=max_seqlen,
+                cu_seqlens_k=cu_seqlens,
+                softmax_scale=scale,
+                causal=causal,
+                window_size=(window_left, window_right),
+                fa_version=2,
+                return_softmax_lse=True,
+            )
+            seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
         else:
-            _log_backend_once("FA2 varlen (aten._flash_attention_forward) + "
-                              "aten._flash_attention_backward")
-            out, lse, seed, offset, _ = (
-                torch.ops.aten._flash_attention_forward(
-                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                    dropout, causal, False, scale=scale,
-                    window_size_left=_or_none(window_left),
-                    window_size_right=_or_none(window_right)))
+            _log_backend_once(
+                "FA2 varlen (aten._flash_attention_forward) + "
+                "aten._flash_attention_backward"
+            )
+            out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+                q,
+                k,
+                v,
+                cu_seqlens,
+                cu_seqlens,
+                max_seqlen,
+                max_seqlen,
+                dropout,
+                causal,
+                False,
+                scale=scale,
+                window_size_left=_or_none(window_left),
+                window_size_right=_or_none(window_right),
+            )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
-        ctx.args = (max_seqlen, scale, causal, window_left, window_right,
-                    dropout)
+        ctx.args = (max_seqlen, scale, causal, window_left, window_right, dropout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
-        max_seqlen, scale, causal, window_left, window_right, dropout = (
-            ctx.args)
+        max_seqlen, scale, causal, window_left, window_right, dropout = ctx.args
         grad_q, grad_k, grad_v = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens,
-            max_seqlen, max_seqlen, dropout, causal, seed, offset,
-            scale=scale, window_size_left=_or_none(window_left),
-            window_size_right=_or_none(window_right))
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            dropout,
+            causal,
+            seed,
+            offset,
+            scale=scale,
+            window_size_left=_or_none(window_left),
+            window_size_right=_or_none(window_right),
+        )
         return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
@@ -454,20 +547,40 @@ class PagedFlashAttentionVarlen(FlashAttentionVarlen):
     this forward's output and log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, window_left,
-                block_size, flash_attn_version):
-        _log_backend_once(f"FA{flash_attn_version} varlen over paged K/V "
-                          "(vllm_flash_attn, as vLLM's FLASH_ATTN backend) "
-                          "+ aten._flash_attention_backward")
-        key_cache, value_cache, block_table = paged_kv(k, v, cu_seqlens,
-                                                       block_size)
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        scale,
+        window_left,
+        block_size,
+        flash_attn_version,
+    ):
+        _log_backend_once(
+            f"FA{flash_attn_version} varlen over paged K/V "
+            "(vllm_flash_attn, as vLLM's FLASH_ATTN backend) "
+            "+ aten._flash_attention_backward"
+        )
+        key_cache, value_cache, block_table = paged_kv(k, v, cu_seqlens, block_size)
         out, lse = _vllm_flash_varlen()(
-            q, key_cache, value_cache, max_seqlen_q=max_seqlen,
-            cu_seqlens_q=cu_seqlens, max_seqlen_k=max_seqlen,
+            q,
+            key_cache,
+            value_cache,
+            max_seqlen_q=max_seqlen,
+            cu_seqlens_q=cu_seqlens,
+            max_seqlen_k=max_seqlen,
             seqused_k=(cu_seqlens[1:] - cu_seqlens[:-1]).int(),
-            block_table=block_table, softmax_scale=scale, causal=True,
-            window_size=(window_left, 0), num_splits=1,
-            fa_version=flash_attn_version, return_softmax_lse=True)
+            block_table=block_table,
+            softmax_scale=scale,
+            causal=True,
+            window_size=(window_left, 0),
+            num_splits=1,
+            fa_version=flash_attn_version,
+            return_softmax_lse=True,
+        )
         seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
         # what FlashAttentionVarlen.backward reads: causal, no dropout
@@ -475,8 +588,9 @@ class PagedFlashAttentionVarlen(FlashAttentionVarlen):
         return out
 
 
-def paged_kv(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-             block_size: int):
+def paged_kv(
+    k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int
+):
     """Packed K/V `[tokens, kv_heads, head_dim]` copied into pages laid out
     as vLLM's flash KV cache is (`[blocks, block_size, kv_heads,
     2 * head_dim]`, each head's key then value), each sequence in pages of
@@ -489,12 +603,12 @@ def paged_kv(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     block_table = first_block[:, None] + torch.arange(width, device=k.device)
     # vLLM pads block tables with block 0; those entries are never read
     block_table = torch.where(
-        block_table < (first_block + blocks_per_sequence)[:, None],
-        block_table, 0).int()
+        block_table < (first_block + blocks_per_sequence)[:, None], block_table, 0
+    ).int()
     sequence = torch.repeat_interleave(
-        torch.arange(len(lengths), device=k.device), lengths)
-    position = torch.arange(k.shape[0], device=k.device) - cu_seqlens[
-        sequence].long()
+        torch.arange(len(lengths), device=k.device), lengths
+    )
+    position = torch.arange(k.shape[0], device=k.device) - cu_seqlens[sequence].long()
     slot = first_block[sequence] * block_size + position
     head_dim = k.shape[-1]
     pages = k.new_zeros(num_blocks * block_size, k.shape[1], 2 * head_dim)
@@ -507,4 +621,3 @@ def paged_kv(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
 
 def _or_none(window: int) -> int | None:
     return None if window < 0 else window
-

@@ -41,8 +41,7 @@ from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.layers.trainable_attention import (
-    bind_trainable_attention)
+from vllm.model_executor.layers.trainable_attention import bind_trainable_attention
 from vllm.model_executor.parallel_context import ParallelContext
 
 logger = init_logger(__name__)
@@ -74,8 +73,9 @@ class CallableModelWrapper(nn.Module):
     supports_pp: ClassVar[bool] = True
 
     @classmethod
-    def for_factory(cls, model_arch: str,
-                    factory: ModelFactory) -> type["CallableModelWrapper"]:
+    def for_factory(
+        cls, model_arch: str, factory: ModelFactory
+    ) -> type["CallableModelWrapper"]:
         """The wrapper class for `factory`. vLLM compiles the module it
         builds (a Dynamo trace of the whole forward, then, on CUDA,
         piecewise CUDA graphs), as it does its own models. The factory's
@@ -84,8 +84,10 @@ class CallableModelWrapper(nn.Module):
         (`CompileOrFallBack`); True, that is an error; False, vLLM does not
         try."""
         if not callable(factory):
-            raise TypeError(f"The model factory for '{model_arch}' must be "
-                            f"callable, got {type(factory).__name__}")
+            raise TypeError(
+                f"The model factory for '{model_arch}' must be "
+                f"callable, got {type(factory).__name__}"
+            )
         check_factory_signature(model_arch, factory)
         attributes = {
             "model_factory": staticmethod(factory),
@@ -93,20 +95,26 @@ class CallableModelWrapper(nn.Module):
             "__module__": cls.__module__,
             "__qualname__": f"{cls.__qualname__}[{model_arch}]",
         }
-        wrapper = type(model_arch, (cls, ), attributes)
+        wrapper = type(model_arch, (cls,), attributes)
         compile_choice = getattr(factory, "supports_torch_compile", None)
         if compile_choice is False:
             return wrapper
         from vllm.compilation.decorators import support_torch_compile
-        wrapper = support_torch_compile(dynamic_arg_dims={
-            "input_ids": 0,
-            "positions": -1,
-            "intermediate_tensors": 0,
-            "inputs_embeds": 0,
-        })(wrapper)
+
+        wrapper = support_torch_compile(
+            dynamic_arg_dims={
+                "input_ids": 0,
+                "positions": -1,
+                "intermediate_tensors": 0,
+                "inputs_embeds": 0,
+            }
+        )(wrapper)
         # the decorator replaces the class's __call__: ours goes above it
-        return type(model_arch, (CompileOrFallBack, wrapper),
-                    dict(attributes, compile_required=bool(compile_choice)))
+        return type(
+            model_arch,
+            (CompileOrFallBack, wrapper),
+            dict(attributes, compile_required=bool(compile_choice)),
+        )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -117,42 +125,54 @@ class CallableModelWrapper(nn.Module):
         except Exception as e:
             raise ModelFactoryError(
                 f"The model factory {factory_name} registered for "
-                f"'{self.model_arch}' raised {type(e).__name__}: {e}") from e
+                f"'{self.model_arch}' raised {type(e).__name__}: {e}"
+            ) from e
         _check_model(self.model_arch, factory_name, model)
         self.tp_plan_applied = False
         self.pipeline_stage = None
         self.stage_aliases: dict[str, str] = {}
         self._apply_parallel_plans(model, parallel_context, vllm_config)
-        bind_trainable_attention(model, vllm_config.cache_config,
-                                 prefix=f"{prefix}.model" if prefix else
-                                 "model")
+        bind_trainable_attention(
+            model,
+            vllm_config.cache_config,
+            prefix=f"{prefix}.model" if prefix else "model",
+        )
         if getattr(self.model_factory, "use_vllm_linear_method", True):
             # imported here: vLLM's linear layers import the model registry
-            from vllm.model_executor.layers.plain_linear import (
-                use_vllm_linear_method)
+            from vllm.model_executor.layers.plain_linear import use_vllm_linear_method
+
             count = use_vllm_linear_method(model)
             if count:
                 logger.info_once(
-                    "%s: %d torch.nn.Linear layer(s) run through vLLM's "
-                    "linear method.", self.model_arch, count)
+                    "%s: %d torch.nn.Linear layer(s) run through vLLM's linear method.",
+                    self.model_arch,
+                    count,
+                )
         if _load_format(vllm_config) == "dummy":
             # No checkpoint load comes: the first load is an update.
             setattr(model, CHECKPOINT_LOADED, True)
         self.model = model
         self.parallel_context = parallel_context
 
-    def _apply_parallel_plans(self, model: nn.Module,
-                              parallel_context: ParallelContext,
-                              vllm_config: VllmConfig) -> None:
+    def _apply_parallel_plans(
+        self,
+        model: nn.Module,
+        parallel_context: ParallelContext,
+        vllm_config: VllmConfig,
+    ) -> None:
         """Shard the module from its `_tp_plan` and place its pipeline stage
         from its `_pp_plan` (see parallel_plan.py)."""
         from vllm.model_executor.models.parallel_plan import (
-            PipelineStage, get_plan, shard_by_tp_plan, stage_aliases,
-            tied_parameter_names)
+            PipelineStage,
+            get_plan,
+            shard_by_tp_plan,
+            stage_aliases,
+            tied_parameter_names,
+        )
+
         tp_plan = get_plan(model, "tp")
         if tp_plan and parallel_context.tp_size > 1:
-            shard_by_tp_plan(model, tp_plan, parallel_context,
-                             self.model_arch)
+            shard_by_tp_plan(model, tp_plan, parallel_context, self.model_arch)
             self.tp_plan_applied = True
         if parallel_context.pp_size == 1:
             return
@@ -160,8 +180,12 @@ class CallableModelWrapper(nn.Module):
         if pp_plan:
             tied_names = tied_parameter_names(model)
             self.pipeline_stage = PipelineStage(
-                model, pp_plan, parallel_context,
-                vllm_config.model_config.get_hidden_size(), self.model_arch)
+                model,
+                pp_plan,
+                parallel_context,
+                vllm_config.model_config.get_hidden_size(),
+                self.model_arch,
+            )
             self.stage_aliases = stage_aliases(model, tied_names)
         elif not hasattr(model, "make_empty_intermediate_tensors"):
             raise ModelFactoryError(
@@ -174,14 +198,14 @@ class CallableModelWrapper(nn.Module):
                 "parallel_context.pp_rank, vLLM's PPMissingLayer for the "
                 "rest), take and return IntermediateTensors in forward and "
                 "define make_empty_intermediate_tensors(batch_size, dtype, "
-                "device).")
+                "device)."
+            )
 
-    def make_empty_intermediate_tensors(self, batch_size: int,
-                                        dtype: torch.dtype,
-                                        device: torch.device):
+    def make_empty_intermediate_tensors(
+        self, batch_size: int, dtype: torch.dtype, device: torch.device
+    ):
         owner = self.pipeline_stage or self.model
-        return owner.make_empty_intermediate_tensors(batch_size, dtype,
-                                                     device)
+        return owner.make_empty_intermediate_tensors(batch_size, dtype, device)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed = getattr(self.model, "embed_input_ids", None)
@@ -189,7 +213,8 @@ class CallableModelWrapper(nn.Module):
             raise NotImplementedError(
                 f"{type(self.model).__name__} (model '{self.model_arch}') has "
                 "no embed_input_ids(input_ids) method; add one to use "
-                "inputs_embeds or prompt embeddings.")
+                "inputs_embeds or prompt embeddings."
+            )
         return embed(input_ids)
 
     def forward(
@@ -213,14 +238,12 @@ class CallableModelWrapper(nn.Module):
         try:
             return self.model(input_ids, positions, **kwargs)
         except RuntimeError as e:
-            raise _sharded_forward_error(self.model, self.model_arch,
-                                         e) from e
+            raise _sharded_forward_error(self.model, self.model_arch, e) from e
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden_states)
 
-    def load_weights(
-            self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         mapper = getattr(self.model, "hf_to_vllm_mapper", None)
         if mapper is not None:
             weights = mapper.apply(weights)
@@ -231,18 +254,24 @@ class CallableModelWrapper(nn.Module):
                 loaded = {name for name, _ in self.model.named_parameters()}
         else:
             if self.stage_aliases:  # tied weights this stage holds once
-                weights = ((self.stage_aliases.get(name, name), tensor)
-                           for name, tensor in weights)
-            loaded = load_weights_by_name(self.model, weights,
-                                          model_name=self.model_arch,
-                                          parallel_context=self.parallel_context)
+                weights = (
+                    (self.stage_aliases.get(name, name), tensor)
+                    for name, tensor in weights
+                )
+            loaded = load_weights_by_name(
+                self.model,
+                weights,
+                model_name=self.model_arch,
+                parallel_context=self.parallel_context,
+            )
         # Weights loaded into a running engine (e.g. from a trainer) must
         # reach the layers' processed (prepacked) copies too.
-        from vllm.model_executor.layers.plain_linear import (
-            refresh_vllm_linear_method)
+        from vllm.model_executor.layers.plain_linear import refresh_vllm_linear_method
+
         params = dict(self.model.named_parameters(remove_duplicate=False))
         refresh_vllm_linear_method(
-            self.model, (params[name] for name in loaded if name in params))
+            self.model, (params[name] for name in loaded if name in params)
+        )
         return {f"model.{name}" for name in loaded}
 
 
@@ -263,8 +292,10 @@ class CompileOrFallBack:
         try:
             return super().__call__(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
-            reason = next((line.strip() for line in str(error).splitlines()
-                           if line.strip()), type(error).__name__)
+            reason = next(
+                (line.strip() for line in str(error).splitlines() if line.strip()),
+                type(error).__name__,
+            )
             if self.compile_required:
                 raise ModelFactoryError(
                     f"Model '{self.model_arch}' declares "
@@ -272,27 +303,34 @@ class CompileOrFallBack:
                     f"trace it: {reason}. Make the module traceable as one "
                     "graph, or set the factory's supports_torch_compile to "
                     "False (never compiled) or leave it unset (compiled "
-                    "where it can be).") from error
+                    "where it can be)."
+                ) from error
             self.do_not_compile = True
             if self.parallel_context.tp_rank == 0:  # once per stage
                 logger.warning(
                     "Model '%s' runs uncompiled: torch.compile could not "
                     "trace it (%s; the attempt took %.1f s). Set the "
                     "factory's supports_torch_compile = False to skip the "
-                    "attempt and this warning.", self.model_arch, reason,
-                    time.perf_counter() - start)
+                    "attempt and this warning.",
+                    self.model_arch,
+                    reason,
+                    time.perf_counter() - start,
+                )
             return self.forward(*args, **kwargs)
 
 
-def _sharded_forward_error(model: nn.Module, model_arch: str,
-                           error: RuntimeError) -> RuntimeError:
+def _sharded_forward_error(
+    model: nn.Module, model_arch: str, error: RuntimeError
+) -> RuntimeError:
     from vllm.model_executor.models.parallel_plan import failing_module
+
     where = failing_module(model, error) or type(model).__name__
     return RuntimeError(
         f"{where} (model '{model_arch}') failed after tensor-parallel "
         f"sharding from its _tp_plan: {error}\nColumn-sharded projections "
         "now return this rank's heads only: reshape with -1 or the local "
-        "head count (heads // tp_size), not a hard-coded global one.")
+        "head count (heads // tp_size), not a hard-coded global one."
+    )
 
 
 def load_weights_by_name(
@@ -331,6 +369,7 @@ def load_weights_by_name(
     mismatched: set[str] = set()
     # imported here: vLLM's model utilities import the model registry
     from vllm.model_executor.models.utils import is_pp_missing_parameter
+
     with torch.no_grad():
         for name, tensor in weights:
             target = params.get(name, buffers.get(name))
@@ -346,18 +385,16 @@ def load_weights_by_name(
                 # themselves; an update shards into a scratch copy first.
                 problem = _full_shape_problem(model, name, target, tensor)
                 if problem is None:
-                    destination = target if require_all else _scratch_copy(
-                        target)
-                    problem = _run_weight_loader(name, target, destination,
-                                                 tensor)
+                    destination = target if require_all else _scratch_copy(target)
+                    problem = _run_weight_loader(name, target, destination, tensor)
                     tensor, in_place = destination.data, require_all
-            elif problem is None and getattr(target, "tensor_model_parallel",
-                                             False):
-                tensor = _megatron_shard(name, target, tensor,
-                                         parallel_context)
+            elif problem is None and getattr(target, "tensor_model_parallel", False):
+                tensor = _megatron_shard(name, target, tensor, parallel_context)
             if problem is None and target.shape != tensor.shape:
-                problem = (f"{name}: checkpoint {tuple(tensor.shape)}, "
-                           f"model {tuple(target.shape)}")
+                problem = (
+                    f"{name}: checkpoint {tuple(tensor.shape)}, "
+                    f"model {tuple(target.shape)}"
+                )
             if problem is not None:
                 wrong.append(problem)
                 mismatched.add(name)
@@ -370,17 +407,21 @@ def load_weights_by_name(
                 pending.append((target, tensor))
 
         loaded = {
-            name for name, param in model.named_parameters()
-            if id(param) in loaded_ids
+            name for name, param in model.named_parameters() if id(param) in loaded_ids
         }
-        missing = [
-            name for name, _ in model.named_parameters()
-            if name not in loaded and name not in mismatched
-        ] if require_all else []
+        missing = (
+            [
+                name
+                for name, _ in model.named_parameters()
+                if name not in loaded and name not in mismatched
+            ]
+            if require_all
+            else []
+        )
         if unexpected or wrong or missing:
             raise ValueError(
-                _load_error(model_name, model, missing, unexpected, wrong,
-                            require_all))
+                _load_error(model_name, model, missing, unexpected, wrong, require_all)
+            )
         for target, tensor in pending:
             target.copy_(tensor)
     setattr(model, CHECKPOINT_LOADED, True)
@@ -393,13 +434,14 @@ def load_weights_by_name(
 CHECKPOINT_LOADED = "vllm_checkpoint_loaded"
 
 
-def _check_tensor(name: str, target: torch.Tensor,
-                  tensor: torch.Tensor) -> str | None:
+def _check_tensor(name: str, target: torch.Tensor, tensor: torch.Tensor) -> str | None:
     if not isinstance(tensor, torch.Tensor):
         return f"{name}: got {type(tensor).__name__}, not a tensor"
     if target.is_floating_point() and not tensor.is_floating_point():
-        return (f"{name}: dtype {tensor.dtype} for a {target.dtype} "
-                "parameter (floating-point values expected)")
+        return (
+            f"{name}: dtype {tensor.dtype} for a {target.dtype} "
+            "parameter (floating-point values expected)"
+        )
     return None
 
 
@@ -408,69 +450,93 @@ def _scratch_copy(param: torch.Tensor) -> nn.Parameter:
     weight loaders call methods of their parameter's class
     (`ModelWeightParameter.load_column_parallel_weight`, ...) and read its
     attributes (`output_dim`, `tp_rank`, ...)."""
-    scratch = torch.Tensor._make_subclass(type(param),
-                                          torch.empty_like(param.data), False)
+    scratch = torch.Tensor._make_subclass(
+        type(param), torch.empty_like(param.data), False
+    )
     scratch.__dict__.update(param.__dict__)
     return scratch
 
 
-def _full_shape_problem(model: nn.Module, name: str, param: torch.Tensor,
-                        full: torch.Tensor) -> str | None:
+def _full_shape_problem(
+    model: nn.Module, name: str, param: torch.Tensor, full: torch.Tensor
+) -> str | None:
     """vLLM's linear weight loaders cut this rank's rows or columns out of
     the full tensor without checking the rest of its shape (a tensor with a
     row too many loads): check it against the layer's full size."""
-    from vllm.model_executor.layers.linear import (LinearBase,
-                                                   QKVParallelLinear,
-                                                   UnquantizedLinearMethod)
+    from vllm.model_executor.layers.linear import (
+        LinearBase,
+        QKVParallelLinear,
+        UnquantizedLinearMethod,
+    )
+
     owner_name, _, param_name = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     # QKVParallelLinear counts KV heads replicated over ranks in its size
-    if (not isinstance(owner, LinearBase)
-            or isinstance(owner, QKVParallelLinear)
-            or not isinstance(owner.quant_method, UnquantizedLinearMethod)):
+    if (
+        not isinstance(owner, LinearBase)
+        or isinstance(owner, QKVParallelLinear)
+        or not isinstance(owner.quant_method, UnquantizedLinearMethod)
+    ):
         return None
-    expected = {"weight": (owner.output_size, owner.input_size),
-                "bias": (owner.output_size, )}.get(param_name)
+    expected = {
+        "weight": (owner.output_size, owner.input_size),
+        "bias": (owner.output_size,),
+    }.get(param_name)
     if expected is None or tuple(full.shape) == expected:
         return None
-    return (f"{name}: checkpoint {tuple(full.shape)}, model shard "
-            f"{tuple(param.shape)} of a full {expected}")
+    return (
+        f"{name}: checkpoint {tuple(full.shape)}, model shard "
+        f"{tuple(param.shape)} of a full {expected}"
+    )
 
 
-def _run_weight_loader(name: str, param: torch.Tensor,
-                       destination: torch.Tensor,
-                       full: torch.Tensor) -> str | None:
+def _run_weight_loader(
+    name: str, param: torch.Tensor, destination: torch.Tensor, full: torch.Tensor
+) -> str | None:
     try:
         param.weight_loader(destination, full)
     except (RuntimeError, ValueError, AssertionError) as e:
-        return (f"{name}: checkpoint {tuple(full.shape)}, model shard "
-                f"{tuple(param.shape)} ({type(e).__name__}: {e})")
+        return (
+            f"{name}: checkpoint {tuple(full.shape)}, model shard "
+            f"{tuple(param.shape)} ({type(e).__name__}: {e})"
+        )
     return None
 
 
-def _load_error(model_name: str, model: nn.Module, missing: list[str],
-                unexpected: list[str], wrong: list[str],
-                require_all: bool) -> str:
+def _load_error(
+    model_name: str,
+    model: nn.Module,
+    missing: list[str],
+    unexpected: list[str],
+    wrong: list[str],
+    require_all: bool,
+) -> str:
     problems = []
     if missing:
         problems.append(_listing("missing from the checkpoint", missing))
     if unexpected:
-        problems.append(
-            _listing("in the checkpoint but not in the model", unexpected))
+        problems.append(_listing("in the checkpoint but not in the model", unexpected))
     if wrong:
         problems.append(_listing("with the wrong shape or dtype", wrong))
-    what = ("the checkpoint" if require_all else
-            "the weight update (nothing was changed)")
-    return (f"Cannot load {what} into {model_name} "
-            f"({type(model).__name__}):\n" +
-            "\n".join(problems) +
-            "\nRename the tensors to the module's parameter names (set "
-            "`hf_to_vllm_mapper` on the module) or give the module a "
-            "load_weights(weights) method.")
+    what = (
+        "the checkpoint" if require_all else "the weight update (nothing was changed)"
+    )
+    return (
+        f"Cannot load {what} into {model_name} "
+        f"({type(model).__name__}):\n"
+        + "\n".join(problems)
+        + "\nRename the tensors to the module's parameter names (set "
+        "`hf_to_vllm_mapper` on the module) or give the module a "
+        "load_weights(weights) method."
+    )
 
 
-def _megatron_shard(name: str, param: torch.Tensor, full: torch.Tensor,
-                    parallel_context: ParallelContext | None) -> torch.Tensor:
+def _megatron_shard(
+    name: str,
+    param: torch.Tensor,
+    full: torch.Tensor,
+    parallel_context: ParallelContext | None,
+) -> torch.Tensor:
     """This rank's slice of a full tensor for a Megatron-core TP param."""
     tp_size = parallel_context.tp_size if parallel_context else 1
     if tp_size == 1 or full.shape == param.shape:
@@ -480,12 +546,14 @@ def _megatron_shard(name: str, param: torch.Tensor, full: torch.Tensor,
         raise ValueError(
             f"{name}: Megatron partition_stride "
             f"{param.partition_stride} is not supported by loading by name; "
-            "give the module a load_weights(weights) method.")
+            "give the module a load_weights(weights) method."
+        )
     if full.shape[dim] % tp_size:
         raise ValueError(
             f"{name}: dimension {dim} of the checkpoint tensor "
             f"{tuple(full.shape)} does not split over tensor_parallel_size "
-            f"{tp_size}.")
+            f"{tp_size}."
+        )
     return full.chunk(tp_size, dim)[parallel_context.tp_rank]
 
 
@@ -502,7 +570,8 @@ def check_factory_signature(model_arch: str, factory: Callable) -> None:
         raise TypeError(
             f"The model factory {_describe(factory)} for '{model_arch}' must "
             "accept two positional arguments (vllm_config, parallel_context)"
-            f"; its signature is {signature}: {e}") from None
+            f"; its signature is {signature}: {e}"
+        ) from None
 
 
 def _check_model(model_arch: str, factory_name: str, model: object) -> None:
@@ -510,16 +579,19 @@ def _check_model(model_arch: str, factory_name: str, model: object) -> None:
         raise ModelFactoryError(
             f"The model factory {factory_name} registered for '{model_arch}' "
             f"returned {type(model).__name__}, not a torch.nn.Module. Return "
-            "the model instance (e.g. `return MyModel(config)`).")
+            "the model instance (e.g. `return MyModel(config)`)."
+        )
     missing = [
-        signature for name, signature in _REQUIRED_METHODS.items()
+        signature
+        for name, signature in _REQUIRED_METHODS.items()
         if not callable(getattr(model, name, None))
     ]
     if missing:
         raise ModelFactoryError(
             f"{type(model).__name__}, returned by the model factory "
             f"{factory_name} for '{model_arch}', lacks the method(s) vLLM "
-            f"calls: {'; '.join(missing)}. Add them to the module.")
+            f"calls: {'; '.join(missing)}. Add them to the module."
+        )
 
 
 def _load_format(vllm_config: VllmConfig) -> str:
@@ -529,8 +601,7 @@ def _load_format(vllm_config: VllmConfig) -> str:
 
 def _listing(what: str, names: list[str], limit: int = 20) -> str:
     shown = "\n".join(f"    {name}" for name in names[:limit])
-    more = f"\n    ... and {len(names) - limit} more" if len(
-        names) > limit else ""
+    more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
     return f"  {len(names)} name(s) {what}:\n{shown}{more}"
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 CONFIG_KEY = "vllm_model_factory"
 
 
-def register_factory_from_config(registry, architectures: list[str],
-                                  model_config) -> None:
+def register_factory_from_config(
+    registry, architectures: list[str], model_config
+) -> None:
     """Register the factory `model_config`'s checkpoint names for its
     architecture, when no model is registered for any of them."""
     factory = getattr(model_config.hf_config, CONFIG_KEY, None)
@@ -36,13 +37,15 @@ def register_factory_from_config(registry, architectures: list[str],
     if not (sep and module_name and attr):
         raise ValueError(
             f"{CONFIG_KEY} in {model_config.model}'s config.json must be "
-            f'"package.module:factory", got {factory!r}.')
+            f'"package.module:factory", got {factory!r}.'
+        )
     if not model_config.trust_remote_code:
         raise ValueError(
             f"{model_config.model}'s config.json names the model factory "
             f"{factory!r} ({CONFIG_KEY}): loading it imports and runs that "
             "code. Pass --trust-remote-code (LLM(..., trust_remote_code="
-            "True)) if you trust it.")
+            "True)) if you trust it."
+        )
     # Also where the registration arrived with the process (a Ray worker
     # gets it through VLLM_MODEL_REGISTRATIONS, not this sys.path).
     _make_importable(module_name, model_config.model)
@@ -58,6 +61,7 @@ def _make_importable(module_name: str, model_dir: str) -> None:
         return
     directory = Path(model_dir)
     relative = Path(*module_name.split("."))
-    if ((directory / relative).with_suffix(".py").is_file()
-            or (directory / relative / "__init__.py").is_file()):
+    if (directory / relative).with_suffix(".py").is_file() or (
+        directory / relative / "__init__.py"
+    ).is_file():
         sys.path.insert(0, str(directory.resolve()))

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm.model_executor.layers.trainable_attention import (
-    TrainableFlashAttention)
+from vllm.model_executor.layers.trainable_attention import TrainableFlashAttention
 from vllm.model_executor.parallel_context import ParallelContext
 
 # Hugging Face's plan styles for nn.Linear -> vLLM's (`replace_linear_class`).
@@ -65,8 +64,7 @@ PACKED_COLWISE = "packed_colwise"
 EMBEDDING_STYLES = ("rowwise", "embedding_rowwise", "vocab")
 # Whole on every rank. Sequence parallelism splits activations, not
 # weights: in inference its modules simply run whole.
-REPLICATED_STYLES = ("replicate", "replicated_with_grad_allreduce",
-                     "sequence_parallel")
+REPLICATED_STYLES = ("replicate", "replicated_with_grad_allreduce", "sequence_parallel")
 # Inputs vLLM provides to a pipeline plan's first module; any other name
 # a module asks for that no earlier module produced (an attention mask)
 # is passed as None: vLLM tracks the sequences itself.
@@ -89,28 +87,33 @@ def get_plan(model: nn.Module, kind: str):
 
 def pattern_regex(pattern: str) -> re.Pattern:
     """A plan key as a regex over module names: `*` is one component."""
-    return re.compile(r"[^.]+".join(
-        re.escape(part) for part in pattern.split("*")) + r"\Z")
+    return re.compile(
+        r"[^.]+".join(re.escape(part) for part in pattern.split("*")) + r"\Z"
+    )
 
 
-def match_tp_plan(model: nn.Module,
-                  tp_plan: dict[str, str]) -> dict[str, tuple[str, str]]:
+def match_tp_plan(
+    model: nn.Module, tp_plan: dict[str, str]
+) -> dict[str, tuple[str, str]]:
     """{module name: (pattern, style)} for every module a pattern matches;
     the first matching pattern wins. An embedding without an entry whose
     weight an LM head shares, and the plan gathers that head's output (as
     Hugging Face's plans do for `lm_head`), is split by vocabulary: a tie
     cannot be half sharded."""
-    compiled = [(pattern, pattern_regex(pattern), style)
-                for pattern, style in tp_plan.items()]
+    compiled = [
+        (pattern, pattern_regex(pattern), style) for pattern, style in tp_plan.items()
+    ]
     matches = {}
     for name, _ in model.named_modules():
         for pattern, regex, style in compiled:
             if regex.match(name):
                 matches[name] = (pattern, style)
                 break
-    embeddings = {id(module.weight): name
-                  for name, module in model.named_modules()
-                  if isinstance(module, nn.Embedding) and name not in matches}
+    embeddings = {
+        id(module.weight): name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and name not in matches
+    }
     for name, (_, style) in list(matches.items()):
         module = model.get_submodule(name)
         tied = embeddings.get(id(getattr(module, "weight", None)))
@@ -122,9 +125,12 @@ def match_tp_plan(model: nn.Module,
 # ------------------------------------------------------------------ TP
 
 
-def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
-                     parallel_context: ParallelContext,
-                     model_name: str = "model") -> int:
+def shard_by_tp_plan(
+    model: nn.Module,
+    tp_plan: dict[str, str],
+    parallel_context: ParallelContext,
+    model_name: str = "model",
+) -> int:
     """Replace the layers `tp_plan` names by vLLM's parallel layers and set
     the local head count of the `TrainableFlashAttention` modules beside
     column-sharded projections. Returns how many layers were replaced."""
@@ -132,21 +138,26 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear
     from vllm.model_executor.layers.plain_linear import PlainLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import (
-        VocabParallelEmbedding)
-    from vllm.model_executor.models.transformers.utils import (
-        replace_linear_class)
+        VocabParallelEmbedding,
+    )
+    from vllm.model_executor.models.transformers.utils import replace_linear_class
 
     tp_size = parallel_context.tp_size
     matches = match_tp_plan(model, tp_plan)
-    problems = [problem for problem in plan_style_problems(model, matches)
-                if problem.startswith("error")]
+    problems = [
+        problem
+        for problem in plan_style_problems(model, matches)
+        if problem.startswith("error")
+    ]
     problems += tp_size_problems(model, matches, [tp_size])
     if problems:
         raise ParallelPlanError(
             f"The tensor-parallel plan of {model_name} does not fit it at "
-            f"TP={tp_size}:\n" + "\n".join(f"  - {p}" for p in problems) +
-            "\nCheck it with validate_vllm_plans(model) or `python -m "
-            "vllm.model_executor.models.plan_validation`.")
+            f"TP={tp_size}:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nCheck it with validate_vllm_plans(model) or `python -m "
+            "vllm.model_executor.models.plan_validation`."
+        )
     tied_heads = tied_vocab_heads(model, matches)
     replaced = 0
     sharded_parents = set()
@@ -157,33 +168,42 @@ def shard_by_tp_plan(model: nn.Module, tp_plan: dict[str, str],
         if isinstance(module, nn.Linear):
             if style == PACKED_COLWISE:
                 new = MergedColumnParallelLinear(
-                    module.in_features, [module.out_features // 2] * 2,
-                    bias=module.bias is not None, return_bias=False,
-                    prefix=name)
+                    module.in_features,
+                    [module.out_features // 2] * 2,
+                    bias=module.bias is not None,
+                    return_bias=False,
+                    prefix=name,
+                )
             else:
-                new = replace_linear_class(module, LINEAR_STYLES[style],
-                                           prefix=name)
+                new = replace_linear_class(module, LINEAR_STYLES[style], prefix=name)
             # keeps the weight after prepacking, for trainer weight updates
             new.quant_method = PlainLinearMethod()
             if style == "colwise":
                 sharded_parents.add(name.rpartition(".")[0])
         elif isinstance(module, nn.Embedding) and style in EMBEDDING_STYLES:
-            new = VocabParallelEmbedding(module.num_embeddings,
-                                         module.embedding_dim,
-                                         params_dtype=module.weight.dtype,
-                                         prefix=name)
+            new = VocabParallelEmbedding(
+                module.num_embeddings,
+                module.embedding_dim,
+                params_dtype=module.weight.dtype,
+                prefix=name,
+            )
         else:
             continue
         _set_submodule(model, name, new)
         replaced += 1
     for head_name, embedding_name in tied_heads.items():
         vocab_size = model.get_submodule(head_name).out_features
-        _set_submodule(model, head_name, VocabParallelTiedHead(
-            model.get_submodule(embedding_name), vocab_size))
+        _set_submodule(
+            model,
+            head_name,
+            VocabParallelTiedHead(model.get_submodule(embedding_name), vocab_size),
+        )
         replaced += 1
     for name, module in model.named_modules():
-        if (isinstance(module, TrainableFlashAttention)
-                and name.rpartition(".")[0] in sharded_parents):
+        if (
+            isinstance(module, TrainableFlashAttention)
+            and name.rpartition(".")[0] in sharded_parents
+        ):
             module.num_heads //= tp_size
             module.num_kv_heads //= tp_size
     return replaced
@@ -196,6 +216,7 @@ class VocabParallelTiedHead(nn.Module):
 
     def __init__(self, embedding: nn.Module, vocab_size: int) -> None:
         from vllm.distributed import tensor_model_parallel_all_gather
+
         super().__init__()
         self.weight = embedding.weight  # the same parameter, loaded once
         self.vocab_size = vocab_size
@@ -203,7 +224,7 @@ class VocabParallelTiedHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = nn.functional.linear(hidden_states, self.weight)
-        return self.all_gather(logits)[..., :self.vocab_size]
+        return self.all_gather(logits)[..., : self.vocab_size]
 
 
 def tied_vocab_heads(model: nn.Module, matches: dict) -> dict[str, str]:
@@ -219,14 +240,15 @@ def tied_vocab_heads(model: nn.Module, matches: dict) -> dict[str, str]:
     return {
         name: embeddings[id(module.weight)]
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module.bias is None
+        if isinstance(module, nn.Linear)
+        and module.bias is None
         and id(module.weight) in embeddings
         and matches.get(name, (None, "colwise_rep"))[1] in GATHERED_STYLES
     }
 
 
 def plan_style_problems(model: nn.Module, matches: dict) -> list[str]:
-    """"error: ..." for styles that do not fit their layer, and for a
+    """ "error: ..." for styles that do not fit their layer, and for a
     colwise layer that closes a colwise pair (it must be rowwise).
     `matches` is `match_tp_plan`'s."""
     problems = []
@@ -240,47 +262,62 @@ def plan_style_problems(model: nn.Module, matches: dict) -> list[str]:
                 problems.append(
                     f"error: {generic_name(name)} (nn.Linear): unknown "
                     f"style '{style}'; linear layers take "
-                    f"{', '.join(styles)}")
+                    f"{', '.join(styles)}"
+                )
             elif style == PACKED_COLWISE and module.out_features % 2:
                 problems.append(
                     f"error: {generic_name(name)} is '{PACKED_COLWISE}' but "
                     f"its {module.out_features} output features do not "
-                    "split into two packed halves")
+                    "split into two packed halves"
+                )
         elif isinstance(module, nn.Embedding):
             if style not in EMBEDDING_STYLES:
                 problems.append(
                     f"error: {generic_name(name)} (nn.Embedding): style "
                     f"'{style}' does not fit an embedding; use 'rowwise' "
-                    "(split by vocabulary) or 'replicate'")
+                    "(split by vocabulary) or 'replicate'"
+                )
         else:
             problems.append(
                 f"error: {generic_name(name)} ({type(module).__name__}): "
                 f"style '{style}' fits nn.Linear and nn.Embedding only; "
-                "narrow the pattern to the layers inside it")
+                "narrow the pattern to the layers inside it"
+            )
     # A colwise layer that reads a colwise sibling's sharded output and
     # writes the residual width closes the pair (attention's output
     # projection, an MLP's down projection): it must be rowwise.
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    hidden = Counter(m.in_features for m in linears).most_common(1)[0][0] \
-        if linears else None
-    colwise = {name: model.get_submodule(name)
-               for name, (_, style) in matches.items()
-               if style == "colwise"
-               and isinstance(model.get_submodule(name), nn.Linear)}
+    hidden = (
+        Counter(m.in_features for m in linears).most_common(1)[0][0]
+        if linears
+        else None
+    )
+    colwise = {
+        name: model.get_submodule(name)
+        for name, (_, style) in matches.items()
+        if style == "colwise" and isinstance(model.get_submodule(name), nn.Linear)
+    }
     for name, layer in colwise.items():
         if layer.in_features == hidden or layer.out_features != hidden:
             continue
         parent = name.rpartition(".")[0]
-        opener = next((other_name for other_name, other in colwise.items()
-                       if other_name.rpartition(".")[0] == parent
-                       and other.in_features == hidden
-                       and other.out_features == layer.in_features), None)
+        opener = next(
+            (
+                other_name
+                for other_name, other in colwise.items()
+                if other_name.rpartition(".")[0] == parent
+                and other.in_features == hidden
+                and other.out_features == layer.in_features
+            ),
+            None,
+        )
         if opener is not None:
             problems.append(
                 f"error: {generic_name(name)} is 'colwise' but reads "
                 f"{generic_name(opener)}'s column-sharded output and writes "
                 "the hidden size: the layer that closes a colwise pair must "
-                "be 'rowwise'")
+                "be 'rowwise'"
+            )
     problems += _tied_weight_problems(model, matches)
     return list(dict.fromkeys(problems))
 
@@ -298,30 +335,31 @@ def _tied_weight_problems(model: nn.Module, matches: dict) -> list[str]:
             sharers.setdefault(id(weight), []).append(name)
     problems = []
     for names in sharers.values():
-        sharded = [name for name in names if matches.get(
-            name, (None, "replicate"))[1] not in REPLICATED_STYLES]
+        sharded = [
+            name
+            for name in names
+            if matches.get(name, (None, "replicate"))[1] not in REPLICATED_STYLES
+        ]
         if len(names) > 1 and sharded:
             problems.append(
                 f"error: {generic_name(sharded[0])} shares its weight with "
-                + ", ".join(generic_name(n) for n in names
-                            if n != sharded[0]) +
-                f" (tied), and the plan shards it "
+                + ", ".join(generic_name(n) for n in names if n != sharded[0])
+                + f" (tied), and the plan shards it "
                 f"('{matches[sharded[0]][1]}'): the sharded layers would get "
                 "weights of their own. Split the embedding by vocabulary "
                 "('rowwise') and give the LM head 'colwise_rep' or no entry "
                 "(it then shares the embedding's shard), or leave both out "
-                "of the plan (they run whole on every rank)")
+                "of the plan (they run whole on every rank)"
+            )
     return problems
 
 
 def generic_name(name: str) -> str:
     """A module name with its layer indices as `*`."""
-    return ".".join("*" if part.isdigit() else part
-                    for part in name.split("."))
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
-def tp_size_problems(model: nn.Module, matches: dict,
-                     tp_sizes: list[int]) -> list[str]:
+def tp_size_problems(model: nn.Module, matches: dict, tp_sizes: list[int]) -> list[str]:
     """Sizes the plan (`match_tp_plan`'s matches) splits that the given TP
     sizes do not divide."""
     problems = []
@@ -334,27 +372,31 @@ def tp_size_problems(model: nn.Module, matches: dict,
             continue  # vocab-parallel embeddings pad the vocabulary
         if style in ("colwise", *GATHERED_STYLES):
             split_sizes.append(
-                (f"{generic_name(name)} out_features", module.out_features))
+                (f"{generic_name(name)} out_features", module.out_features)
+            )
             if style == "colwise":
                 sharded_parents.add(name.rpartition(".")[0])
         elif style == PACKED_COLWISE:
-            split_sizes.append((f"{generic_name(name)} out_features / 2",
-                                module.out_features // 2))
+            split_sizes.append(
+                (f"{generic_name(name)} out_features / 2", module.out_features // 2)
+            )
         elif style in ("rowwise", "rowwise_rep", "rowwise_split_input"):
             split_sizes.append(
-                (f"{generic_name(name)} in_features", module.in_features))
+                (f"{generic_name(name)} in_features", module.in_features)
+            )
     for name, module in model.named_modules():
-        if (isinstance(module, TrainableFlashAttention)
-                and name.rpartition(".")[0] in sharded_parents):
+        if (
+            isinstance(module, TrainableFlashAttention)
+            and name.rpartition(".")[0] in sharded_parents
+        ):
+            split_sizes.append((f"{generic_name(name)} num_heads", module.num_heads))
             split_sizes.append(
-                (f"{generic_name(name)} num_heads", module.num_heads))
-            split_sizes.append(
-                (f"{generic_name(name)} num_kv_heads", module.num_kv_heads))
+                (f"{generic_name(name)} num_kv_heads", module.num_kv_heads)
+            )
     for tp_size in tp_sizes:
         for what, size in dict.fromkeys(split_sizes):
             if size % tp_size:
-                problems.append(f"TP={tp_size} does not divide {what} "
-                                f"({size})")
+                problems.append(f"TP={tp_size} does not divide {what} ({size})")
     return problems
 
 
@@ -374,8 +416,10 @@ class PlanStep:
 
 
 def plan_steps(pp_plan: dict) -> list[PlanStep]:
-    return [PlanStep(name, list(inputs), list(outputs))
-            for name, (inputs, outputs) in pp_plan.items()]
+    return [
+        PlanStep(name, list(inputs), list(outputs))
+        for name, (inputs, outputs) in pp_plan.items()
+    ]
 
 
 def layer_stack(model: nn.Module, step: PlanStep) -> nn.ModuleList | None:
@@ -398,10 +442,12 @@ def pp_plan_problems(model: nn.Module, pp_plan: dict) -> list[str]:
     for step in plan_steps(pp_plan):
         if step.name not in names:
             from difflib import get_close_matches
+
             near = get_close_matches(step.name, names, n=3)
             problems.append(
-                f"error: pipeline module '{step.name}' does not exist" +
-                (f"; nearest: {', '.join(near)}" if near else ""))
+                f"error: pipeline module '{step.name}' does not exist"
+                + (f"; nearest: {', '.join(near)}" if near else "")
+            )
             continue
         for position, name in enumerate(step.inputs):
             if name in available:
@@ -410,11 +456,13 @@ def pp_plan_problems(model: nn.Module, pp_plan: dict) -> list[str]:
                 problems.append(
                     f"error: '{step.name}' takes {name!r}, which no earlier "
                     f"module outputs (available: "
-                    f"{', '.join(sorted(available))})")
+                    f"{', '.join(sorted(available))})"
+                )
             else:
                 problems.append(
                     f"warning: '{step.name}' takes {name!r}, which no earlier"
-                    " module outputs; vLLM passes None for it")
+                    " module outputs; vLLM passes None for it"
+                )
         available.update(step.outputs)
         stack = layer_stack(model, step)
         if stack is not None:
@@ -423,13 +471,14 @@ def pp_plan_problems(model: nn.Module, pp_plan: dict) -> list[str]:
             if type(module).__name__ in no_split:
                 problems.append(
                     f"error: '{step.name}' holds the layer stack but its "
-                    f"class {type(module).__name__} is in _no_split_modules")
+                    f"class {type(module).__name__} is in _no_split_modules"
+                )
     if len(stacks) != 1:
         problems.append(
             "error: the pipeline plan needs exactly one module that is or "
             "holds the nn.ModuleList of layers to split between stages; "
-            f"found {len(stacks)}" + (f" ({', '.join(stacks)})"
-                                      if stacks else ""))
+            f"found {len(stacks)}" + (f" ({', '.join(stacks)})" if stacks else "")
+        )
     return problems
 
 
@@ -438,26 +487,37 @@ class PipelineStage:
     own forward, passing hidden states to the next stage as vLLM's
     `IntermediateTensors`."""
 
-    def __init__(self, model: nn.Module, pp_plan: dict,
-                 parallel_context: ParallelContext, hidden_size: int,
-                 model_name: str = "model") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pp_plan: dict,
+        parallel_context: ParallelContext,
+        hidden_size: int,
+        model_name: str = "model",
+    ) -> None:
         from vllm.distributed.utils import get_pp_indices
         from vllm.model_executor.models.utils import (
-            PPMissingLayer, make_empty_intermediate_tensors_factory)
+            PPMissingLayer,
+            make_empty_intermediate_tensors_factory,
+        )
 
-        problems = [p for p in pp_plan_problems(model, pp_plan)
-                    if p.startswith("error")]
+        problems = [
+            p for p in pp_plan_problems(model, pp_plan) if p.startswith("error")
+        ]
         if problems:
             raise ParallelPlanError(
                 f"The pipeline-parallel plan of {model_name} does not fit "
-                "it:\n" + "\n".join(f"  - {p}" for p in problems))
+                "it:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         self.parallel_context = parallel_context
         steps = plan_steps(pp_plan)
-        stack_index = next(i for i, step in enumerate(steps)
-                           if layer_stack(model, step) is not None)
+        stack_index = next(
+            i for i, step in enumerate(steps) if layer_stack(model, step) is not None
+        )
         layers = layer_stack(model, steps[stack_index])
-        start, end = get_pp_indices(len(layers), parallel_context.pp_rank,
-                                    parallel_context.pp_size)
+        start, end = get_pp_indices(
+            len(layers), parallel_context.pp_rank, parallel_context.pp_size
+        )
         for index in range(len(layers)):
             if not start <= index < end:
                 layers[index] = PPMissingLayer()
@@ -475,36 +535,41 @@ class PipelineStage:
                     setattr(holder, child_name, PPMissingLayer())
         self.steps = []
         for index, step in enumerate(steps):
-            if (index < stack_index and not first) or (index > stack_index
-                                                       and not last):
+            if (index < stack_index and not first) or (
+                index > stack_index and not last
+            ):
                 _set_submodule(model, step.name, PPMissingLayer())
             elif holder is layers and index == stack_index:
-                self.steps.append((step, functools.partial(
-                    _run_layers, list(layers[start:end]))))
+                self.steps.append(
+                    (step, functools.partial(_run_layers, list(layers[start:end])))
+                )
             elif not (last and "logits" in step.outputs):
                 # logits are vLLM's compute_logits step, not forward's
                 self.steps.append((step, model.get_submodule(step.name)))
         # What crosses a stage boundary: the layer stack's outputs.
         self.boundary = steps[stack_index].outputs
-        self.make_empty_intermediate_tensors = (
-            make_empty_intermediate_tensors_factory(self.boundary,
-                                                    hidden_size))
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            self.boundary, hidden_size
+        )
 
-    def __call__(self, input_ids, positions, intermediate_tensors=None,
-                 inputs_embeds=None):
+    def __call__(
+        self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None
+    ):
         from vllm.sequence import IntermediateTensors
 
-        values = {"input_ids": input_ids, "positions": positions,
-                  "inputs_embeds": inputs_embeds}
+        values = {
+            "input_ids": input_ids,
+            "positions": positions,
+            "inputs_embeds": inputs_embeds,
+        }
         if intermediate_tensors is not None:
             values.update(intermediate_tensors.tensors)
         for step, module in self.steps:
             out = module(*(values.get(name) for name in step.inputs))
-            outs = out if isinstance(out, tuple) else (out, )
+            outs = out if isinstance(out, tuple) else (out,)
             values.update(zip(step.outputs, outs))
         if not self.parallel_context.is_last_pp_rank:
-            return IntermediateTensors(
-                {name: values[name] for name in self.boundary})
+            return IntermediateTensors({name: values[name] for name in self.boundary})
         return values[self.steps[-1][0].outputs[0]]
 
 
@@ -525,8 +590,7 @@ def tied_parameter_names(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
-def stage_aliases(model: nn.Module,
-                  tied_names: list[list[str]]) -> dict[str, str]:
+def stage_aliases(model: nn.Module, tied_names: list[list[str]]) -> dict[str, str]:
     """{name: name on this stage} for tied parameters whose other names the
     pipeline stage dropped: a checkpoint that stores an LM head tied to the
     embedding only as the embedding still fills the last stage's head."""
@@ -535,8 +599,7 @@ def stage_aliases(model: nn.Module,
     for group in tied_names:
         present = [name for name in group if name in here]
         if present:
-            aliases.update({name: present[0] for name in group
-                            if name not in here})
+            aliases.update({name: present[0] for name in group if name not in here})
     return aliases
 
 

@@ -24,15 +24,25 @@ from pathlib import Path
 from torch import nn
 
 from vllm.model_executor.models.parallel_plan import (
-    generic_name, get_plan, match_tp_plan, plan_style_problems,
-    pp_plan_problems, tied_vocab_heads, tp_size_problems)
+    generic_name,
+    get_plan,
+    match_tp_plan,
+    plan_style_problems,
+    pp_plan_problems,
+    tied_vocab_heads,
+    tp_size_problems,
+)
 
 TP_SIZES = (2, 4, 8)
 
 
-def validate_vllm_plans(model: nn.Module, tp_plan: dict | None = None,
-                        pp_plan: dict | None = None, strict: bool = False,
-                        file=None) -> bool:
+def validate_vllm_plans(
+    model: nn.Module,
+    tp_plan: dict | None = None,
+    pp_plan: dict | None = None,
+    strict: bool = False,
+    file=None,
+) -> bool:
     """Report how `tp_plan` and `pp_plan` (default: the module's own
     `_tp_plan` / `_pp_plan`) fit `model`. Prints which pattern matched
     which modules and parameters, patterns that match nothing (with the
@@ -62,52 +72,69 @@ def validate_vllm_plans(model: nn.Module, tp_plan: dict | None = None,
             names = by_pattern.get(pattern, [])
             if not names:
                 near = _nearest(pattern, module_names)
-                report("error", f"'{pattern}' ({style}) matches no module" +
-                       (f"; nearest: {', '.join(near)}" if near else ""))
+                report(
+                    "error",
+                    f"'{pattern}' ({style}) matches no module"
+                    + (f"; nearest: {', '.join(near)}" if near else ""),
+                )
                 continue
-            params = sum(len(list(model.get_submodule(n).parameters()))
-                         for n in names)
-            kind = Counter(type(model.get_submodule(n)).__name__
-                           for n in names)
-            print(f"  '{pattern}' -> {style}: {len(names)} module(s) "
-                  f"({', '.join(f'{c} {t}' for t, c in kind.items())}), "
-                  f"{params} parameter(s); e.g. {names[0]}", file=file)
+            params = sum(len(list(model.get_submodule(n).parameters())) for n in names)
+            kind = Counter(type(model.get_submodule(n)).__name__ for n in names)
+            print(
+                f"  '{pattern}' -> {style}: {len(names)} module(s) "
+                f"({', '.join(f'{c} {t}' for t, c in kind.items())}), "
+                f"{params} parameter(s); e.g. {names[0]}",
+                file=file,
+            )
         tied_heads = tied_vocab_heads(model, matches)
         for head, embedding in tied_heads.items():
-            print(f"  {head} is tied to {embedding}: it computes the logits "
-                  "of the embedding's vocabulary shard and gathers them",
-                  file=file)
+            print(
+                f"  {head} is tied to {embedding}: it computes the logits "
+                "of the embedding's vocabulary shard and gathers them",
+                file=file,
+            )
         for problem in plan_style_problems(model, matches):
             report(*problem.split(": ", 1))
         for problem in tp_size_problems(model, matches, list(TP_SIZES)):
             report("warning", problem)
         uncovered = [
-            name for name, module in model.named_modules()
+            name
+            for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, nn.Embedding))
-            and name not in matches and name not in tied_heads
+            and name not in matches
+            and name not in tied_heads
         ]
         if uncovered:
-            report("warning", f"{len(uncovered)} linear/embedding layer(s) "
-                   "no pattern covers stay whole on every rank: " +
-                   ", ".join(_collapse(uncovered)))
+            report(
+                "warning",
+                f"{len(uncovered)} linear/embedding layer(s) "
+                "no pattern covers stay whole on every rank: "
+                + ", ".join(_collapse(uncovered)),
+            )
     if pp_plan:
-        print(f"Pipeline-parallel plan ({len(pp_plan)} modules):",
-              file=file)
+        print(f"Pipeline-parallel plan ({len(pp_plan)} modules):", file=file)
         for name, (inputs, outputs) in pp_plan.items():
             print(f"  {name}: {list(inputs)} -> {list(outputs)}", file=file)
         for problem in pp_plan_problems(model, pp_plan):
             report(*problem.split(": ", 1))
     if not tp_plan and not pp_plan:
-        report("warning", f"{type(model).__name__} has no _tp_plan or "
-               "_pp_plan: vLLM runs it whole on every rank")
+        report(
+            "warning",
+            f"{type(model).__name__} has no _tp_plan or "
+            "_pp_plan: vLLM runs it whole on every rank",
+        )
     ok = errors == 0 and not (strict and warnings)
-    print(f"{'valid' if ok else 'INVALID'}: {errors} error(s), {warnings} "
-          f"warning(s){' (strict)' if strict else ''}", file=file)
+    print(
+        f"{'valid' if ok else 'INVALID'}: {errors} error(s), {warnings} "
+        f"warning(s){' (strict)' if strict else ''}",
+        file=file,
+    )
     return ok
 
 
-def print_model_structure(model: nn.Module, max_depth: int = 4,
-                          show_params: bool = False, file=None) -> None:
+def print_model_structure(
+    model: nn.Module, max_depth: int = 4, show_params: bool = False, file=None
+) -> None:
     """The module tree to `max_depth`, runs of identical layers in a
     ModuleList folded into one line."""
     file = file or sys.stdout
@@ -122,16 +149,24 @@ def print_model_structure(model: nn.Module, max_depth: int = 4,
         print(f"{line}  [{own:,} params]", file=file)
         if show_params:
             for pname, param in module.named_parameters(recurse=False):
-                print(f"{'  ' * (depth + 1)}.{pname} {tuple(param.shape)} "
-                      f"{param.dtype}", file=file)
+                print(
+                    f"{'  ' * (depth + 1)}.{pname} {tuple(param.shape)} {param.dtype}",
+                    file=file,
+                )
         if depth + 1 > max_depth:
             return
         children = list(module.named_children())
-        if isinstance(module, nn.ModuleList) and len(children) > 1 and len(
-                {type(c) for _, c in children}) == 1:
-            print(f"{'  ' * (depth + 1)}{children[0][0]}..{children[-1][0]}:"
-                  f" {len(children)} x {type(children[0][1]).__name__}, "
-                  f"each as {children[0][0]}:", file=file)
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(children) > 1
+            and len({type(c) for _, c in children}) == 1
+        ):
+            print(
+                f"{'  ' * (depth + 1)}{children[0][0]}..{children[-1][0]}:"
+                f" {len(children)} x {type(children[0][1]).__name__}, "
+                f"each as {children[0][0]}:",
+                file=file,
+            )
             children = children[:1]
         for child_name, child in children:
             visit(child, child_name, depth + 1)
@@ -152,11 +187,10 @@ def _collapse(names: list[str]) -> list[str]:
 def _build(factory_path: str, model_dir: str) -> nn.Module:
     import importlib
 
+    from vllm import ModelRegistry
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.parallel_context import ParallelContext
-
-    from vllm import ModelRegistry
 
     module_name, _, attr = factory_path.partition(":")
     factory = getattr(importlib.import_module(module_name), attr)
@@ -164,7 +198,8 @@ def _build(factory_path: str, model_dir: str) -> nn.Module:
     for arch in config.get("architectures") or []:
         ModelRegistry.register_model(arch, factory)
     vllm_config: VllmConfig = EngineArgs(
-        model=model_dir, skip_tokenizer_init=True).create_engine_config()
+        model=model_dir, skip_tokenizer_init=True
+    ).create_engine_config()
     with set_current_vllm_config(vllm_config):
         return factory(vllm_config, ParallelContext())
 
@@ -172,29 +207,36 @@ def _build(factory_path: str, model_dir: str) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Validate a generic model's tensor/pipeline-parallel "
-        "plans and print its structure.")
+        "plans and print its structure."
+    )
     parser.add_argument("factory", help='"package.module:factory"')
-    parser.add_argument("--model", required=True,
-                        help="checkpoint directory whose config.json the "
-                        "factory reads")
-    parser.add_argument("--tp-plan", help="JSON file: a TP plan to check "
-                        "instead of the module's _tp_plan")
-    parser.add_argument("--pp-plan", help="JSON file: a PP plan to check "
-                        "instead of the module's _pp_plan")
-    parser.add_argument("--strict", action="store_true",
-                        help="warnings make the plan invalid too")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory whose config.json the factory reads",
+    )
+    parser.add_argument(
+        "--tp-plan",
+        help="JSON file: a TP plan to check instead of the module's _tp_plan",
+    )
+    parser.add_argument(
+        "--pp-plan",
+        help="JSON file: a PP plan to check instead of the module's _pp_plan",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="warnings make the plan invalid too"
+    )
     parser.add_argument("--max-depth", type=int, default=4)
     parser.add_argument("--show-params", action="store_true")
     args = parser.parse_args(argv)
     model = _build(args.factory, args.model)
     print_model_structure(model, args.max_depth, args.show_params)
     print()
-    tp_plan = json.loads(open(args.tp_plan).read()) if args.tp_plan else None
-    pp_plan = json.loads(open(args.pp_plan).read()) if args.pp_plan else None
+    tp_plan = json.loads(Path(args.tp_plan).read_text()) if args.tp_plan else None
+    pp_plan = json.loads(Path(args.pp_plan).read_text()) if args.pp_plan else None
     ok = validate_vllm_plans(model, tp_plan, pp_plan, strict=args.strict)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -38,8 +38,7 @@ import cloudpickle
 if TYPE_CHECKING:
     from torch import nn
 
-    from vllm.model_executor.models.registry import (_BaseRegisteredModel,
-                                                     _ModelInfo)
+    from vllm.model_executor.models.registry import _BaseRegisteredModel, _ModelInfo
 
 ENV_VAR = "VLLM_MODEL_REGISTRATIONS"
 
@@ -58,7 +57,8 @@ def propagate_registration(model_arch: str, model: Any) -> None:
             f"pickling failed with {type(e).__name__}: {e}. Define the "
             "factory at module level and register it as "
             "'package.module:factory', or keep what it captures (locks, "
-            "open files, CUDA tensors) out of its closure.") from e
+            "open files, CUDA tensors) out of its closure."
+        ) from e
     registrations = _decode(os.environ.get(ENV_VAR))
     registrations[model_arch] = payload
     encoded = base64.b64encode(pickle.dumps(registrations)).decode("ascii")
@@ -67,7 +67,8 @@ def propagate_registration(model_arch: str, model: Any) -> None:
             f"The model registered for '{model_arch}' pickles to "
             f"{len(payload)} bytes, too large to pass to vLLM's worker "
             "processes in the environment. Load large objects (weights, "
-            "tensors) inside the factory instead of capturing them.")
+            "tensors) inside the factory instead of capturing them."
+        )
     os.environ[ENV_VAR] = encoded
 
 
@@ -91,7 +92,8 @@ def check_module_importable(model_arch: str, module_name: str) -> None:
         f"{top_level}/) on PYTHONPATH, e.g. `PYTHONPATH=/path/to/dir python "
         "script.py`, install it as a package, or register the factory "
         "object itself instead of its name.",
-        name=top_level)
+        name=top_level,
+    )
 
 
 def inherited_registrations() -> dict[str, "InheritedRegistration"]:
@@ -116,8 +118,7 @@ class InheritedRegistration:
         from vllm.model_executor.models.registry import _ModelRegistry
 
         scratch = _ModelRegistry()
-        scratch.register_model(self.model_arch,
-                               cloudpickle.loads(self.payload))
+        scratch.register_model(self.model_arch, cloudpickle.loads(self.payload))
         return scratch.models[self.model_arch]
 
     def inspect_model_cls(self) -> "_ModelInfo":
@@ -127,8 +128,7 @@ class InheritedRegistration:
         return self._registered.load_model_cls()
 
 
-def adopt_late_registrations(models: dict[str, Any],
-                             architectures: list[str]) -> None:
+def adopt_late_registrations(models: dict[str, Any], architectures: list[str]) -> None:
     """Add to `models` the registrations for `architectures` that reached
     this process's environment after its registry was built. vLLM's Ray
     executor copies the driver's environment variables into each worker
@@ -136,8 +136,7 @@ def adopt_late_registrations(models: dict[str, Any],
     missing = [arch for arch in architectures if arch not in models]
     if missing and os.environ.get(ENV_VAR):
         inherited = inherited_registrations()
-        models.update((arch, inherited[arch]) for arch in missing
-                      if arch in inherited)
+        models.update((arch, inherited[arch]) for arch in missing if arch in inherited)
 
 
 def _decode(encoded: str | None) -> dict[str, bytes]:
