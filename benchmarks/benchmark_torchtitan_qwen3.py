@@ -21,9 +21,10 @@ run with vLLM's defaults (torch.compile, CUDA graphs) unless
 --enforce-eager. `--ours-torch-linear` adds the TorchTitan model with its
 nn.Linear layers left on PyTorch's GEMM (factory attribute
 `use_vllm_linear_method = False`); `--ours-no-compile` runs it without
-torch.compile (`supports_torch_compile = False`); `--ours-undeclared`
-adds it registered as a plain lambda, no attributes (what a factory gets
-by default: compiled where Dynamo can trace it).
+torch.compile (`supports_torch_compile = False`). `--ours undeclared`
+registers it as a plain lambda with no attributes instead (what a factory
+gets by default: compiled where Dynamo can trace it), `--ours both` runs
+both registrations.
 """
 
 import argparse
@@ -148,7 +149,13 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--ours-no-compile", action="store_true")
     parser.add_argument("--ours-torch-linear", action="store_true")
-    parser.add_argument("--ours-undeclared", action="store_true")
+    parser.add_argument(
+        "--ours",
+        choices=["declared", "undeclared", "both"],
+        default="declared",
+        help="register the generic model with its factory's attributes, as "
+        "a plain lambda, or both",
+    )
     parser.add_argument(
         "--profile-dir",
         type=Path,
@@ -162,11 +169,10 @@ def main():
 
     compile_ours = not args.ours_no_compile
     # name: (architecture, factory to register)
-    engines = {
-        NATIVE: ("Qwen3ForCausalLM", None),
-        "TorchTitan Qwen3 (generic)": (ARCH, variant(compile_ours)),
-    }
-    if args.ours_undeclared:
+    engines = {NATIVE: ("Qwen3ForCausalLM", None)}
+    if args.ours != "undeclared":
+        engines["TorchTitan Qwen3 (generic)"] = (ARCH, variant(compile_ours))
+    if args.ours != "declared":
         engines["TorchTitan Qwen3, lambda, no attributes"] = (
             ARCH + "Lambda",
             lambda vllm_config, parallel_context: build_qwen3(

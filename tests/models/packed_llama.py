@@ -18,10 +18,13 @@ sys.path.insert(
         / "examples/offline_inference/parallel_plans"
     ),
 )
-from plain_llama import (
+from plain_llama import (  # noqa: E402
     LlamaConfig,
-    LlamaForCausalLM,  # noqa: E402,F401
+    LlamaForCausalLM,
+    save_checkpoint,
 )
+
+__all__ = ["LlamaConfig", "build_packed_llama", "packed_llama", "save_checkpoint"]
 
 
 class PackedMLP(nn.Module):
