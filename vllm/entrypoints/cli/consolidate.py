@@ -173,13 +173,11 @@ def validate_load(directory: Path) -> int:
     from vllm import LLM, SamplingParams
 
     try:
-        # eager: a load check needs no compiled speed, only a fast start
         llm = LLM(
             model=str(directory),
             max_model_len=256,
             gpu_memory_utilization=0.1,
             skip_tokenizer_init=True,
-            enforce_eager=True,
         )
         out = llm.generate(
             [{"prompt_token_ids": VALIDATION_PROMPT}],
