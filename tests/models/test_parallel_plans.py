@@ -608,7 +608,13 @@ def test_global_head_count_reshape_names_the_module(checkpoint, capfd):
 
     ModelRegistry.register_model("ForgatherGlobalHeads", build_with_global_heads)
     with pytest.raises(RuntimeError):  # the engine fails to start
-        make_llm(checkpoint[0], "ForgatherGlobalHeads", tensor_parallel_size=2)
+        # not eager: the engine's start then runs the forward
+        make_llm(
+            checkpoint[0],
+            "ForgatherGlobalHeads",
+            tensor_parallel_size=2,
+            enforce_eager=False,
+        )
     errors = "".join(capfd.readouterr())
     assert (
         "model.layer_stack.layers.0.attention (model "
