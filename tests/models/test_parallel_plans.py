@@ -330,7 +330,6 @@ def tied_llama(tmp_path_factory):
             pipeline_parallel_size=2,
             max_logprobs=511,
             logprobs_mode="raw_logits",
-            enforce_eager=False,
         ),
     )
 
@@ -608,13 +607,7 @@ def test_global_head_count_reshape_names_the_module(checkpoint, capfd):
 
     ModelRegistry.register_model("ForgatherGlobalHeads", build_with_global_heads)
     with pytest.raises(RuntimeError):  # the engine fails to start
-        # not eager: the engine's start then runs the forward
-        make_llm(
-            checkpoint[0],
-            "ForgatherGlobalHeads",
-            tensor_parallel_size=2,
-            enforce_eager=False,
-        )
+        make_llm(checkpoint[0], "ForgatherGlobalHeads", tensor_parallel_size=2)
     errors = "".join(capfd.readouterr())
     assert (
         "model.layer_stack.layers.0.attention (model "

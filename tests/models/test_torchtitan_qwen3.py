@@ -161,7 +161,6 @@ def ours_tp1(checkpoints):
         prepare_model_dir(dirs["dcp"]),
         max_logprobs=SMALL.vocab_size,
         logprobs_mode="raw_logits",
-        enforce_eager=False,
     )
     yield llm
     shutdown_llm(llm)
@@ -169,7 +168,6 @@ def ours_tp1(checkpoints):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_parity_with_native_qwen3(checkpoints, ours_tp1, tp):
-    """Both compiled at TP=1, both eager at TP=2."""
     model, dirs = checkpoints
     register()
     if tp == 1:
@@ -186,7 +184,6 @@ def test_parity_with_native_qwen3(checkpoints, ours_tp1, tp):
         PROMPTS,
         SMALL.vocab_size,
         tensor_parallel_size=tp,
-        enforce_eager=tp > 1,
     )
     for got, want in zip(ours, native):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
