@@ -2,15 +2,20 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Shared test machinery.
 
-Starting a vLLM engine (spawned engine core and worker processes) costs
-about 15 s on the 2-core CI machine, so an engine that several tests can
-read from is started once. The engines in `SHARED_ENGINES` serve tests in
+Each spawned vLLM process imports vLLM again (about 14 s on the 2-core CI
+machine), so the engines tests start run vLLM's engine core in the test
+process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, as vLLM's own tests do), with
+the worker in-process at TP=1 and spawned workers at TP > 1 or when a test
+asks for them. The examples, the CLI and `vllm serve` run in subprocesses
+as users run them, with every vLLM process spawned. An engine that several
+tests can read from is started once. The engines in `SHARED_ENGINES` serve tests in
 several modules: each starts for its first test and stops after its last
 (an idle engine still holds about 2 GB and polls a core); engines that one
 module's tests share are fixtures of that module. Tests that change an
 engine's weights restore them before they end.
 """
 
+import contextlib
 import gc
 import os
 import sys
@@ -39,9 +44,11 @@ PROMPTS = [
 ]
 MAX_TOKENS = 32
 
-# Each engine reserves this fraction of the machine's memory for its KV
-# cache on the CPU; small, so the shared engines fit side by side.
-MEMORY_FRACTION = 0.1
+# Each engine's KV cache: small, so the shared engines fit side by side.
+# A fixed size, because vLLM's CPU worker otherwise sizes it as a fraction
+# of the machine's memory less its process's memory, and an in-process
+# worker's process is the test process.
+KV_CACHE_BYTES = 256 << 20
 
 # vLLM's compilation on the CPU as users get it (one Dynamo trace of the
 # whole model, so compile-or-fall-back runs), but with Dynamo's eager
@@ -57,37 +64,71 @@ os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 # ------------------------------------------------------------------ engines
 
 
-def make_llm(model_dir, arch=None, tensor_parallel_size=1, **kwargs):
+def make_llm(
+    model_dir, arch=None, tensor_parallel_size=1, spawn_workers=False, **kwargs
+):
     """A real vLLM engine on a test checkpoint: token-id prompts, fp32
     unless `dtype` says otherwise, compiled as `TRACED` on the CPU, a
-    small KV cache."""
+    small KV cache. The engine core runs in this process; its workers are
+    spawned at TP > 1, or at TP=1 with `spawn_workers`. An in-process
+    worker uses vLLM's process-wide parallel state, which the next
+    in-process worker's start and stop replace: an engine that stays up
+    while other engines start (a shared one) spawns its workers."""
     from vllm import LLM
 
     world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
-    if world_size > 1:  # one core per CPU worker, shared round-robin
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+    environment = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if world_size > 1 or spawn_workers:
+        kwargs["distributed_executor_backend"] = "mp"
+        # one core per CPU worker, shared round-robin
+        environment["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             str(rank % (os.cpu_count() or 1)) for rank in range(world_size)
         )
     kwargs.setdefault("dtype", "float32")
     if not (kwargs.get("enforce_eager") or torch.cuda.is_available()):
         kwargs.setdefault("compilation_config", TRACED)
-    return LLM(
-        model=str(model_dir),
-        hf_overrides={"architectures": [arch]} if arch else None,
-        skip_tokenizer_init=True,
-        gpu_memory_utilization=MEMORY_FRACTION,
-        max_model_len=512,
-        tensor_parallel_size=tensor_parallel_size,
-        seed=0,
-        **kwargs,
-    )
+    with engine_environment(environment):
+        return LLM(
+            model=str(model_dir),
+            hf_overrides={"architectures": [arch]} if arch else None,
+            skip_tokenizer_init=True,
+            kv_cache_memory_bytes=KV_CACHE_BYTES,
+            max_model_len=512,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=0,
+            **kwargs,
+        )
+
+
+@contextlib.contextmanager
+def engine_environment(variables):
+    """Set vLLM's environment variables for one engine start, then restore
+    them, so that subprocesses started later run as users run them. An
+    in-process engine core caches vLLM's variables (`envs`) when it starts:
+    the next start drops that cache."""
+    from vllm import envs
+
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def shutdown_llm(llm) -> None:
-    """Stop the engine's processes now: `del llm` leaves that to garbage
-    collection, and a later test's engine may start before they are gone."""
+    """Stop the engine and its worker processes now: `del llm` leaves that
+    to garbage collection, and a later test's engine may start before they
+    are gone. The engine core froze the heap (`gc.freeze`) when it started:
+    unfreeze it so that the engine's memory is collected."""
     llm.llm_engine.engine_core.shutdown()
     del llm
+    gc.unfreeze()
     gc.collect()
 
 
@@ -292,6 +333,7 @@ def tiny_engine(tiny_checkpoint):
         make_llm(
             path,
             ARCH,
+            spawn_workers=True,
             max_logprobs=model.lm_head.out_features,
             logprobs_mode="raw_logits",
         ),
@@ -322,6 +364,20 @@ def tiny_engine_tp2(tiny_checkpoint):
             logprobs_mode="raw_logits",
         ),
     )
+
+
+@pytest.fixture
+def engine_output(capfd, caplog):
+    """What a user sees of an engine start: its spawned processes' output,
+    the records of vLLM's loggers in this process (they reach pytest's log
+    capture here) and, given `pytest.raises`' result, the error."""
+
+    def read(failure=None) -> str:
+        captured = capfd.readouterr()
+        error = str(failure.value) if failure is not None else ""
+        return "\n".join([captured.out, captured.err, caplog.text, error])
+
+    return read
 
 
 def cuda_available() -> bool:

@@ -182,6 +182,12 @@ def main():
         action="store_true",
         help="no torch.compile or CUDA graphs: faster start, slower steps",
     )
+    parser.add_argument(
+        "--compilation-config",
+        type=json.loads,
+        help="vLLM's compilation config as JSON, as `vllm serve -cc` takes it; "
+        'e.g. \'{"backend": "eager"}\' traces the model without Inductor',
+    )
     parser.add_argument("--verbose", action="store_true", help="show vLLM's INFO logs")
     args = parser.parse_args()
     if args.tensor_parallel_size > 1 and not torch.cuda.is_available():
@@ -217,6 +223,7 @@ def main():
         gpu_memory_utilization=0.3,
         tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager,
+        compilation_config=args.compilation_config,
         use_tqdm_on_load=VERBOSE,
     )
     prompts = ["vLLM runs the", "One definition serves", "the weights"]

@@ -217,6 +217,12 @@ def main():
         action="store_true",
         help="no torch.compile or CUDA graphs: faster start, slower steps",
     )
+    parser.add_argument(
+        "--compilation-config",
+        type=json.loads,
+        help="vLLM's compilation config as JSON, as `vllm serve -cc` takes it; "
+        'e.g. \'{"backend": "eager"}\' traces the model without Inductor',
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -238,6 +244,7 @@ def main():
         max_model_len=64,
         gpu_memory_utilization=0.2,
         enforce_eager=args.enforce_eager,
+        compilation_config=args.compilation_config,
         use_tqdm_on_load=VERBOSE,
     )
 

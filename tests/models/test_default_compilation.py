@@ -79,25 +79,25 @@ def test_undeclared_traceable_factory_is_compiled(tiny_engine):
 
 
 def test_untraceable_module_falls_back_with_one_warning(
-    tiny_checkpoint, tiny_reference_tokens, capfd
+    tiny_checkpoint, tiny_reference_tokens, engine_output
 ):
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNChecked", build_nan_checked)
     tokens, state = run_llm(path, "TinyNaNChecked", inspect=compile_state)
     assert tokens == tiny_reference_tokens
     assert state == [{"compiled": False, "do_not_compile": True}]
-    out = "".join(capfd.readouterr())  # vLLM logs to stdout
+    out = engine_output()
     assert out.count(FALLBACK) == 1
     assert "Set the factory's supports_torch_compile = False" in out
     assert "the attempt took" in out
 
 
-def test_declared_compile_that_cannot_trace_is_an_error(tiny_checkpoint, capfd):
+def test_declared_compile_that_cannot_trace_is_an_error(tiny_checkpoint, engine_output):
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNCheckedDeclared", build_nan_checked_declared)
-    with pytest.raises(RuntimeError):  # the engine fails to start
+    with pytest.raises(Exception) as failure:  # the engine fails to start
         make_llm(path, "TinyNaNCheckedDeclared")
-    out = "".join(capfd.readouterr())
+    out = engine_output(failure)
     assert (
         "Model 'TinyNaNCheckedDeclared' declares supports_torch_compile"
         " = True, but torch.compile cannot trace it"

