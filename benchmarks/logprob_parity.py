@@ -24,12 +24,20 @@ flash-attention version):
     VLLM_BATCH_INVARIANT=1 python benchmarks/logprob_parity.py --size 0.6b \\
         --dtype bfloat16 --enforce-eager --generator-kernel                    # GPU
 
+`--exact` runs the exact configuration (vllm.model_executor.layers.
+exact_logprobs): the engine from `exact_engine_args` (batch-invariant,
+CUDA graphs without Inductor), the trainer prepared by `prepare_trainer`
+and its logits computed inside `row_invariant_matmuls()`:
+
+    python benchmarks/logprob_parity.py --size 0.6b --dtype bfloat16 --exact  # GPU
+
 `--trace` also runs one sequence through both with a forward hook on every
 submodule and prints the first module whose output
 differs, for the prompt (prefill) and for the next token (decode).
 """
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -105,15 +113,20 @@ def vllm_token_logprobs(logits, token_ids):
 
 
 def trainer_logprobs(
-    model, sequences, prompt_len, device, token_logprobs=torch_token_logprobs
+    model,
+    sequences,
+    prompt_len,
+    device,
+    token_logprobs=torch_token_logprobs,
+    logits_context=contextlib.nullcontext,
 ):
     """Log-probabilities of every sequence's generated tokens, recomputed
     with all sequences packed into one varlen batch."""
     input_ids, positions, cu_seqlens = pack_sequences(sequences, device)
     with torch.no_grad():
-        logits = model.compute_logits(
-            model(input_ids, positions, cu_seqlens=cu_seqlens)
-        )
+        hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
+        with logits_context():
+            logits = model.compute_logits(hidden)
     result, start = [], 0
     for sequence in sequences:
         rows = logits[start + prompt_len - 1 : start + len(sequence) - 1]
@@ -250,6 +263,12 @@ def main():
         help="normal init of every weight matrix, at a "
         "trained model's scale (0 keeps PyTorch's defaults)",
     )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="the exact configuration (exact_engine_args, prepare_trainer, "
+        "row_invariant_matmuls)",
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
     if args.trace_hidden and not args.enforce_eager:
@@ -260,9 +279,18 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
     dtype = getattr(torch, args.dtype)
-    batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
-
     from vllm import LLM, ModelRegistry, SamplingParams
+    from vllm.model_executor.layers import exact_logprobs
+
+    extra = (
+        {"attention_config": {"flash_attn_version": args.flash_attn_version}}
+        if args.flash_attn_version
+        else {}
+    )
+    engine_args = {"enforce_eager": args.enforce_eager, **extra}
+    if args.exact:  # sets VLLM_BATCH_INVARIANT=1 before the trainer's ops
+        engine_args = exact_logprobs.exact_engine_args(**engine_args)
+    batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
 
     if batch_invariant:  # the trainer's ops under the same settings
         from vllm.model_executor.layers.batch_invariant import init_batch_invariance
@@ -279,11 +307,6 @@ def main():
     prompts = torch.randint(
         10, config.vocab_size, (args.num_prompts, args.prompt_len), generator=generator
     ).tolist()
-    extra = (
-        {"attention_config": {"flash_attn_version": args.flash_attn_version}}
-        if args.flash_attn_version
-        else {}
-    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         write_config(model_dir, ARCH, config, args.dtype)
@@ -295,13 +318,14 @@ def main():
             seed=0,
             max_model_len=args.prompt_len + args.output_len + 16,
             gpu_memory_utilization=memory,
-            enforce_eager=args.enforce_eager,
             enable_prefix_caching=False,
-            **extra,
+            **engine_args,
         )
         loaded = llm.apply_model(functools.partial(push_weights, weights=weights))
         kernel = None
-        if args.generator_kernel:
+        if args.exact:
+            exact_logprobs.prepare_trainer(trainer, llm)
+        elif args.generator_kernel:
             kernel = match_generator_kernel(trainer, llm, args.flash_attn_version)
         assert set(loaded) == {len(weights)}, loaded
         if args.trace_hidden:
@@ -350,6 +374,7 @@ def main():
         args.prompt_len,
         device,
         vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs,
+        exact_logprobs.row_invariant_matmuls if args.exact else contextlib.nullcontext,
     )
     trainer_hidden = take_hooks(trainer)["norm"][0] if args.trace_hidden else None
     diff = torch.cat([(a - b).abs() for a, b in zip(trained, generator_logprobs)])
@@ -357,8 +382,11 @@ def main():
         filter(
             None,
             [
+                "exact configuration" if args.exact else None,
                 "batch-invariant" if batch_invariant else None,
-                "eager" if args.enforce_eager else "compiled",
+                "eager"
+                if args.enforce_eager
+                else ("CUDA graphs, no Inductor" if args.exact else "compiled"),
                 f"FA{args.flash_attn_version}" if args.flash_attn_version else None,
                 f"trainer attention: vLLM's FA{kernel[1]} over {kernel[0]}-token pages"
                 if kernel

@@ -241,6 +241,12 @@ class CallableModelWrapper(nn.Module):
             raise _sharded_forward_error(self.model, self.model_arch, e) from e
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        from vllm.model_executor.layers import exact_logprobs
+
+        if exact_logprobs.batch_invariant_mode_on():
+            # the engine's logits rows must not depend on how many it samples
+            with exact_logprobs.row_invariant_matmuls():
+                return self.model.compute_logits(hidden_states)
         return self.model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

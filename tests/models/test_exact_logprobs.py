@@ -1,0 +1,168 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""The exact configuration: the settings `exact_engine_args` makes and
+refuses (CPU), and on CUDA every sampled token's log-probability from vLLM
+`torch.equal` to the trainer's recompute through the same module."""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from tests.conftest import make_llm, shutdown_llm
+from vllm.model_executor.layers.exact_logprobs import (
+    ExactLogprobsError,
+    exact_engine_args,
+    prepare_trainer,
+    row_invariant_matmuls,
+)
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """exact_engine_args sets VLLM_BATCH_INVARIANT; undo it after."""
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+
+
+def test_settings_of_the_exact_configuration(environment):
+    args = exact_engine_args(device="cuda", max_model_len=128)
+    assert args == {
+        "max_model_len": 128,
+        "compilation_config": {"mode": 0, "cudagraph_mode": "FULL"},
+    }
+    assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
+    eager = exact_engine_args(device="cuda", enforce_eager=True)
+    assert eager["compilation_config"] == {"mode": 0, "cudagraph_mode": "NONE"}
+
+
+@pytest.mark.parametrize(
+    "engine_args, message",
+    [
+        ({"compilation_config": {"mode": 3}}, "Inductor's generated kernels"),
+        ({"compilation_config": {"backend": "inductor"}}, "or pass mode 0"),
+        ({"attention_config": {"backend": "TRITON_ATTN"}}, "backend TRITON_ATTN"),
+    ],
+)
+def test_what_breaks_exactness_is_refused(environment, engine_args, message):
+    with pytest.raises(ExactLogprobsError, match=message):
+        exact_engine_args(device="cuda", **engine_args)
+    assert "VLLM_BATCH_INVARIANT" not in os.environ
+
+
+def test_the_cpu_is_refused_with_the_reason(environment):
+    with pytest.raises(ExactLogprobsError, match="need CUDA.*agree within"):
+        exact_engine_args(device="cpu")
+
+
+def test_trainer_side_needs_the_engine_side(environment):
+    with pytest.raises(ExactLogprobsError, match="exact_engine_args"):
+        prepare_trainer(torch.nn.Linear(2, 2), llm=None)
+
+
+def test_row_invariant_matmuls_leave_the_cpu_alone():
+    x, weight = torch.randn(5, 8), torch.randn(3, 8)
+    with row_invariant_matmuls():
+        out = torch.nn.functional.linear(x, weight)
+    assert torch.equal(out, torch.nn.functional.linear(x, weight))
+
+
+# ----------------------------------------------------------------- CUDA
+
+
+def _push(model, weights):
+    return len(model.load_weights(weights.items()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, monkeypatch):
+    """64 sequences x 64 sampled tokens, bf16: every log-probability vLLM
+    reports equals the trainer's recompute (training mode, all sequences
+    packed into one varlen batch, gradients on) bit for bit."""
+    from tests.models.test_torchtitan_qwen3 import SMALL, write_config
+    from vllm import ModelRegistry, SamplingParams
+    from vllm.model_executor.layers.trainable_attention import pack_sequences
+
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    from model import ARCH, Qwen3Model, build_qwen3
+
+    engine_args = exact_engine_args()
+    from vllm.model_executor.layers.exact_logprobs import _batch_invariant
+
+    _batch_invariant().init_batch_invariance()  # before the trainer's ops
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # as vLLM builds its copy (rotary table)
+        trainer = Qwen3Model(SMALL)
+    for parameter in trainer.parameters():
+        if parameter.dim() == 2:
+            torch.nn.init.normal_(parameter, std=0.02)
+        parameter.data = parameter.data.to(torch.bfloat16)
+    weights = {name: p.detach().cpu() for name, p in trainer.named_parameters()}
+
+    write_config(tmp_path, ARCH)
+    ModelRegistry.register_model(ARCH, build_qwen3)
+    llm = make_llm(
+        tmp_path,
+        ARCH,
+        spawn_workers=True,  # the engine's GPU state apart from the trainer's
+        dtype="bfloat16",
+        load_format="dummy",
+        **engine_args,
+    )
+    try:
+        assert set(llm.apply_model(functools.partial(_push, weights=weights))) == {
+            len(weights)
+        }
+        generator = torch.Generator().manual_seed(1)
+        prompts = torch.randint(10, SMALL.vocab_size, (64, 32), generator=generator)
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts.tolist()],
+            [
+                SamplingParams(
+                    max_tokens=64,
+                    temperature=1.0,
+                    seed=index,
+                    logprobs=0,
+                    ignore_eos=True,
+                    detokenize=False,
+                )
+                for index in range(len(prompts))
+            ],
+            use_tqdm=False,
+        )
+        prepare_trainer(trainer, llm)
+    finally:
+        shutdown_llm(llm)
+
+    sequences = [
+        p + list(o.outputs[0].token_ids) for p, o in zip(prompts.tolist(), outputs)
+    ]
+    engine = torch.cat(
+        [
+            torch.tensor(
+                [
+                    e[t].logprob
+                    for e, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)
+                ]
+            )
+            for o in outputs
+        ]
+    )
+    trainer.train()
+    input_ids, positions, cu_seqlens = pack_sequences(sequences, "cuda")
+    hidden = trainer(input_ids, positions, cu_seqlens=cu_seqlens)
+    with row_invariant_matmuls():
+        logits = trainer.compute_logits(hidden)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    rows, targets, start = [], [], 0
+    for sequence in sequences:
+        rows.extend(range(start + 31, start + len(sequence) - 1))
+        targets.extend(sequence[32:])
+        start += len(sequence)
+    recomputed = logprobs[rows, targets].detach().cpu()
+    assert len(recomputed) == 64 * 64
+    differing = int((recomputed != engine).sum())
+    assert differing == 0, (
+        f"{differing} of {len(engine)} log-probabilities differ, max "
+        f"{(recomputed - engine).abs().max():.3e}"
+    )

@@ -1,0 +1,178 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Bitwise-equal log-probabilities in the trainer and in vLLM.
+
+One model definition runs in both; for the generator's log-probabilities to
+equal the trainer's recompute bit for bit, both processes must run kernels
+whose result for a row does not depend on the other rows of the batch:
+
+- vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`) in the engine's
+  processes and in the trainer's (`init_batch_invariance`): GEMMs without
+  split-K, fixed-order norms, means and softmaxes, attention in one split;
+- the trainer's attention through the kernel the engine runs over its paged
+  KV cache (`use_generator_attention_kernel`);
+- the LM head through a GEMM whose tiles do not depend on the row count
+  (`row_invariant_matmuls`): cuBLAS picks its kernel by shape, and the
+  engine computes logits for the few rows it samples while the trainer
+  computes them for every packed token; one logit one ulp apart moves a
+  log-probability's last bit;
+- no Inductor: its generated kernels fuse and reorder what the trainer's
+  eager ops compute (0% of log-probabilities equal, measured). CUDA graphs
+  are kept: they replay the same kernels.
+
+`exact_engine_args` gives the engine's side, `prepare_trainer` the
+trainer's; `CallableModelWrapper` runs a generic model's `compute_logits`
+under `row_invariant_matmuls` whenever batch-invariant mode is on.
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Inductor off, CUDA graphs on (vLLM's CompilationMode.NONE).
+EXACT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL"}
+
+
+class ExactLogprobsError(ValueError):
+    """A setting the exact configuration cannot honour."""
+
+
+def exact_engine_args(device: str | None = None, **engine_args: Any) -> dict:
+    """`engine_args` for `vllm.LLM` (or `AsyncEngineArgs`) with the exact
+    configuration's settings added, after checking that none of them is
+    contradicted. Turns on batch-invariant mode in this process's
+    environment (`VLLM_BATCH_INVARIANT=1`), which the engine's processes
+    inherit, so call it before starting the engine. `device` defaults to
+    this machine's ("cuda" when available)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cuda":
+        raise ExactLogprobsError(
+            "exact log-probabilities need CUDA: vLLM's batch-invariant "
+            f"kernels are Triton GPU kernels, and this is device {device!r}. "
+            "On the CPU in fp32 the trainer's and vLLM's log-probabilities "
+            "agree within about 1e-6 without any setting."
+        )
+    compilation = dict(engine_args.pop("compilation_config", None) or {})
+    mode = compilation.get("mode", 0)
+    if mode not in (0, "NONE") or compilation.get("backend") == "inductor":
+        raise ExactLogprobsError(
+            f"compilation_config={compilation} compiles with torch.compile: "
+            "Inductor's generated kernels change the engine's log-"
+            "probabilities (none equal the trainer's, measured). Leave "
+            "compilation_config out (the exact configuration uses mode 0 "
+            "with CUDA graphs) or pass mode 0."
+        )
+    attention = engine_args.get("attention_config") or {}
+    backend = attention.get("backend") if isinstance(attention, dict) else None
+    if backend not in (None, "FLASH_ATTN"):
+        raise ExactLogprobsError(
+            f"attention backend {backend}: the trainer can run only "
+            "FLASH_ATTN's kernel (use_generator_attention_kernel); leave the "
+            "backend unset or pass FLASH_ATTN."
+        )
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    settings = {**EXACT_COMPILATION, **compilation}
+    if engine_args.get("enforce_eager"):
+        settings = {"mode": 0, "cudagraph_mode": "NONE"}
+    return {**engine_args, "compilation_config": settings}
+
+
+def prepare_trainer(model: torch.nn.Module, llm) -> int:
+    """The trainer's side, in the trainer's process: vLLM's batch-invariant
+    ops, and the engine's attention kernel (its KV-cache block size and
+    flash-attention version) for every `TrainableFlashAttention` in
+    `model`. Returns how many attention modules were switched. The trainer
+    then computes logits inside `row_invariant_matmuls()`."""
+    if os.environ.get("VLLM_BATCH_INVARIANT") != "1":
+        raise ExactLogprobsError(
+            "the engine was not started with exact_engine_args(...): "
+            "VLLM_BATCH_INVARIANT=1 is not set in this process"
+        )
+    from vllm.model_executor.layers.trainable_attention import (
+        use_generator_attention_kernel,
+    )
+
+    _batch_invariant().init_batch_invariance()
+    config = llm.llm_engine.vllm_config
+    version = config.attention_config.flash_attn_version
+    if version is None:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        version = get_flash_attn_version()
+    return use_generator_attention_kernel(
+        model, config.cache_config.block_size, version
+    )
+
+
+@contextlib.contextmanager
+def row_invariant_matmuls() -> Iterator[None]:
+    """Inside: `F.linear` and matrix products with a 2-D right operand run
+    vLLM's persistent Triton GEMM, whose fixed tiles reduce every output in
+    one order whatever the number of rows. Gradients flow (the backward
+    uses PyTorch's GEMMs: only the forward's rows need to match)."""
+    with _RowInvariantMode():
+        yield
+
+
+def batch_invariant_mode_on() -> bool:
+    from vllm import envs
+
+    return bool(envs.VLLM_BATCH_INVARIANT) and torch.cuda.is_available()
+
+
+def _batch_invariant():
+    """vLLM's batch-invariant kernels: layers/ up to 0.26, determinism/
+    from 0.32."""
+    try:
+        from vllm.model_executor.determinism import batch_invariant
+    except ImportError:
+        from vllm.model_executor.layers import batch_invariant
+    return batch_invariant
+
+
+class _RowInvariantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        rows = a.reshape(-1, a.shape[-1])
+        out = _batch_invariant().matmul_persistent(rows, b)
+        return out.view(*a.shape[:-1], b.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_a = (grad_rows @ b.t()).view_as(a)
+        grad_b = a.reshape(-1, a.shape[-1]).t() @ grad_rows
+        return grad_a, grad_b
+
+
+class _RowInvariantMode(TorchFunctionMode):
+    MATMULS = {torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if self._supported(x, weight):
+                out = _RowInvariantMatmul.apply(x, weight.t())
+                return out + bias if bias is not None else out
+        elif func in self.MATMULS and not kwargs and len(args) == 2:
+            if self._supported(*args):
+                return _RowInvariantMatmul.apply(*args)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _supported(a, b) -> bool:
+        return (
+            a.is_cuda
+            and a.dim() >= 2
+            and b.dim() == 2
+            and a.dtype == b.dtype
+            and a.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        )
