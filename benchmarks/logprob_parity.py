@@ -62,6 +62,10 @@ from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
 
 # ------------------------------------------------- run inside each worker
 
+# `--trace-hidden`: the final norm's output (the LM head's input) and the
+# LM head's (the logits), by module name in the TorchTitan Qwen3
+TRACED_OUTPUTS = ("norm", "output")
+
 
 def push_weights(model, weights):
     return len(model.load_weights(weights.items()))
@@ -329,7 +333,7 @@ def main():
             kernel = match_generator_kernel(trainer, llm, args.flash_attn_version)
         assert set(loaded) == {len(weights)}, loaded
         if args.trace_hidden:
-            llm.apply_model(functools.partial(add_hooks, only=("norm",)))
+            llm.apply_model(functools.partial(add_hooks, only=TRACED_OUTPUTS))
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts],
             SamplingParams(
@@ -354,8 +358,11 @@ def main():
                     ]
                 )
             )
-        vllm_hidden = (
-            torch.cat(llm.apply_model(functools.partial(take_hooks))[0]["norm"])
+        vllm_outputs = (
+            {
+                name: torch.cat(rows)
+                for name, rows in llm.apply_model(take_hooks)[0].items()
+            }
             if args.trace_hidden
             else None
         )
@@ -367,16 +374,22 @@ def main():
         llm.llm_engine.engine_core.shutdown()
 
     if args.trace_hidden:
-        add_hooks(trainer, only=("norm",))
+        add_hooks(trainer, only=TRACED_OUTPUTS)
     trained = trainer_logprobs(
         trainer,
         sequences,
         args.prompt_len,
         device,
-        vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs,
+        exact_logprobs.token_logprobs
+        if args.exact
+        else (vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs),
         exact_logprobs.row_invariant_matmuls if args.exact else contextlib.nullcontext,
     )
-    trainer_hidden = take_hooks(trainer)["norm"][0] if args.trace_hidden else None
+    trainer_outputs = (
+        {name: rows[0] for name, rows in take_hooks(trainer).items()}
+        if args.trace_hidden
+        else None
+    )
     diff = torch.cat([(a - b).abs() for a, b in zip(trained, generator_logprobs)])
     mode = ", ".join(
         filter(
@@ -416,15 +429,17 @@ def main():
             f"{int(differing.any(1).sum())} of {args.num_prompts} "
             "sequences"
         )
-    if vllm_hidden is not None:
+    if vllm_outputs is not None:
         # every row vLLM computed (prefill and decode steps, in its own
         # batch order) against the trainer's rows, compared as bytes
-        ours = {row.numpy().tobytes() for row in trainer_hidden}
-        equal = sum(row.numpy().tobytes() in ours for row in vllm_hidden)
-        print(
-            f"final hidden states (the LM head's input): {equal} of "
-            f"vLLM's {len(vllm_hidden)} rows equal a trainer row bitwise"
-        )
+        for name, what in (("norm", "final hidden states"), ("output", "logits")):
+            ours = {row.numpy().tobytes() for row in trainer_outputs[name]}
+            theirs = vllm_outputs[name]
+            equal = sum(row.numpy().tobytes() in ours for row in theirs)
+            print(
+                f"{what} ({name}): {equal} of vLLM's {len(theirs)} rows equal "
+                "a trainer row bitwise"
+            )
     if first_differences is not None:
         for phase, found in zip(("prefill", "decode"), first_differences):
             print(

@@ -16,6 +16,7 @@ from vllm.model_executor.layers.exact_logprobs import (
     exact_engine_args,
     prepare_trainer,
     row_invariant_matmuls,
+    token_logprobs,
 )
 
 
@@ -153,13 +154,15 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, monkeypatch):
     hidden = trainer(input_ids, positions, cu_seqlens=cu_seqlens)
     with row_invariant_matmuls():
         logits = trainer.compute_logits(hidden)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
     rows, targets, start = [], [], 0
     for sequence in sequences:
         rows.extend(range(start + 31, start + len(sequence) - 1))
         targets.extend(sequence[32:])
         start += len(sequence)
-    recomputed = logprobs[rows, targets].detach().cpu()
+    recomputed = token_logprobs(logits[rows], torch.tensor(targets, device="cuda"))
+    recomputed.sum().backward()  # a trainer's loss reaches the weights
+    assert trainer.output.weight.grad is not None
+    recomputed = recomputed.detach().cpu()
     assert len(recomputed) == 64 * 64
     differing = int((recomputed != engine).sum())
     assert differing == 0, (

@@ -16,6 +16,10 @@ whose result for a row does not depend on the other rows of the batch:
   engine computes logits for the few rows it samples while the trainer
   computes them for every packed token; one logit one ulp apart moves a
   log-probability's last bit;
+- the log-softmax through the kernel the engine's sampler runs, on logits
+  of the engine's dtype (`token_logprobs`): a Triton reduction compiled
+  for bf16 inputs sums in another order than the same kernel compiled for
+  fp32, which is enough to flip the last bit of 2% of log-probabilities;
 - no Inductor: its generated kernels fuse and reorder what the trainer's
   eager ops compute (0% of log-probabilities equal, measured). CUDA graphs
   are kept: they replay the same kernels.
@@ -86,7 +90,8 @@ def prepare_trainer(model: torch.nn.Module, llm) -> int:
     ops, and the engine's attention kernel (its KV-cache block size and
     flash-attention version) for every `TrainableFlashAttention` in
     `model`. Returns how many attention modules were switched. The trainer
-    then computes logits inside `row_invariant_matmuls()`."""
+    then computes logits inside `row_invariant_matmuls()` and the sampled
+    tokens' log-probabilities with `token_logprobs`."""
     if os.environ.get("VLLM_BATCH_INVARIANT") != "1":
         raise ExactLogprobsError(
             "the engine was not started with exact_engine_args(...): "
@@ -116,6 +121,16 @@ def row_invariant_matmuls() -> Iterator[None]:
     uses PyTorch's GEMMs: only the forward's rows need to match)."""
     with _RowInvariantMode():
         yield
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probability of `token_ids[i]` under `logits[i]`, computed as
+    vLLM's GPU sampler computes the log-probabilities it returns: its
+    kernel, on the logits as the model produced them (no cast). Gradients
+    flow to `logits` (the backward uses PyTorch's softmax)."""
+    if not logits.is_cuda:
+        return torch.log_softmax(logits.float(), -1).gather(1, token_ids[:, None])[:, 0]
+    return _TokenLogprobs.apply(logits, token_ids)
 
 
 def batch_invariant_mode_on() -> bool:
@@ -149,6 +164,23 @@ class _RowInvariantMatmul(torch.autograd.Function):
         grad_a = (grad_rows @ b.t()).view_as(a)
         grad_b = a.reshape(-1, a.shape[-1]).t() @ grad_rows
         return grad_a, grad_b
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        from vllm.v1.worker.gpu.sample.logprob import compute_token_logprobs
+
+        ctx.save_for_backward(logits, token_ids)
+        return compute_token_logprobs(logits, token_ids[:, None])[:, 0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, token_ids = ctx.saved_tensors
+        # d log p(t) / d logits = onehot(t) - softmax(logits)
+        grad_logits = -torch.softmax(logits.float(), -1) * grad[:, None]
+        grad_logits[torch.arange(len(token_ids)), token_ids] += grad
+        return grad_logits.to(logits.dtype), None
 
 
 class _RowInvariantMode(TorchFunctionMode):
