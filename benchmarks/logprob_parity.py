@@ -71,6 +71,20 @@ def push_weights(model, weights):
     return len(model.load_weights(weights.items()))
 
 
+def weight_chunks(weights, max_bytes):
+    """`weights` split into dicts of at most `max_bytes` (or one tensor)."""
+    chunk, size = {}, 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = {}, 0
+        chunk[name] = tensor
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
 def add_hooks(model, only=None):
     """Record every submodule's output (or those named in `only`) on each
     forward call; the records live on the model, as these functions reach
@@ -325,7 +339,11 @@ def main():
             enable_prefix_caching=False,
             **engine_args,
         )
-        loaded = llm.apply_model(functools.partial(push_weights, weights=weights))
+        # in pushes of at most 1 GB: one message to the engine holds < 4 GB
+        loaded = [0]
+        for chunk in weight_chunks(weights, 1 << 30):
+            pushed = llm.apply_model(functools.partial(push_weights, weights=chunk))
+            loaded = [a + b for a, b in zip(loaded * len(pushed), pushed)]
         kernel = None
         if args.exact:
             exact_logprobs.prepare_trainer(trainer, llm)
