@@ -60,6 +60,12 @@ TRACED = {"mode": 2, "backend": "eager"}  # CompilationMode.DYNAMO_TRACE_ONCE
 # Tests pass functions to running engines (`LLM.apply_model`).
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
+# An in-process engine computes with this process's threads. A shared
+# engine's spawned worker, even idle, keeps a core busy polling for work:
+# two OpenMP threads here would then wait on each other at every barrier
+# (a step 10x slower), one does not.
+torch.set_num_threads(1)
+
 
 # ------------------------------------------------------------------ engines
 
@@ -77,7 +83,12 @@ def make_llm(
     from vllm import LLM
 
     world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
-    environment = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    environment = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # spawned workers take about 3 s to exit on their own once told to;
+        # nothing of theirs outlives the test, so stop them after 1 s
+        "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "1",
+    }
     if world_size > 1 or spawn_workers:
         kwargs["distributed_executor_backend"] = "mp"
         # one core per CPU worker, shared round-robin

@@ -21,9 +21,14 @@ trainer's weights and optimiser state in another dtype, with its forward
 under autocast to the engine's dtype: fp32 master weights, as mixed
 precision training keeps them, so small AdamW steps are not rounded away.
 
-Each step prints the reward, the time the weight push took, and the
-largest difference between vLLM's and the trainer's log-probabilities of
-the sampled tokens.
+Each step prints the reward, the time the weight push took, the largest
+difference between vLLM's and the trainer's log-probabilities of the
+sampled tokens, how many of them differ at all, and vLLM's sampling
+throughput. `--exact` (CUDA) runs both sides in the exact configuration
+(vllm.model_executor.layers.exact_logprobs), where none differ:
+
+    python examples/offline_inference/rl_one_definition.py --device cuda \
+        --dtype bfloat16 --exact
 """
 
 import argparse
@@ -50,6 +55,7 @@ from torch.nn import functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vllm import LLM, ModelRegistry, SamplingParams  # noqa: E402
+from vllm.model_executor.layers import exact_logprobs  # noqa: E402
 from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
     TrainableFlashAttention,
     pack_sequences,
@@ -131,22 +137,31 @@ def advantages(rewards: torch.Tensor) -> torch.Tensor:
     return normalised.flip(-1).cumsum(-1).flip(-1)
 
 
-def sequence_logprobs(policy, prompts, completions) -> list[torch.Tensor]:
+def sequence_logprobs(policy, prompts, completions, exact) -> list[torch.Tensor]:
     """Log-probabilities of each completion's tokens under `policy`, all
     sequences packed into one varlen batch (the attention's training
-    path)."""
+    path); with `exact`, through the kernels the engine runs."""
     sequences = [[p] + c for p, c in zip(prompts, completions)]
     lengths = [len(s) for s in sequences]
     device = next(policy.parameters()).device
     tokens, positions, cu_seqlens = pack_sequences(sequences, device)
-    logits = policy.compute_logits(policy(tokens, positions, cu_seqlens))
-    logprobs = F.log_softmax(logits.float(), dim=-1)
-    out = []
+    hidden = policy(tokens, positions, cu_seqlens)
+    if exact:
+        with exact_logprobs.row_invariant_matmuls():
+            logits = policy.compute_logits(hidden)
+    else:
+        logits = policy.compute_logits(hidden)
+    # position i predicts token i + 1; each completion starts at 1
+    rows, targets = [], []
     for start, length in zip(cu_seqlens[:-1].tolist(), lengths):
-        # position i predicts token i + 1; the completion starts at 1
-        rows = logprobs[start : start + length - 1]
-        out.append(rows.gather(1, tokens[start + 1 : start + length, None])[:, 0])
-    return out
+        rows.extend(range(start, start + length - 1))
+        targets.extend(range(start + 1, start + length))
+    if exact:
+        logprobs = exact_logprobs.token_logprobs(logits[rows], tokens[targets])
+    else:
+        logprobs = F.log_softmax(logits[rows].float(), -1)
+        logprobs = logprobs.gather(1, tokens[targets, None])[:, 0]
+    return list(logprobs.split([length - 1 for length in lengths]))
 
 
 def load_pushed_weights(model, weights):
@@ -223,6 +238,12 @@ def main():
         help="vLLM's compilation config as JSON, as `vllm serve -cc` takes it; "
         'e.g. \'{"backend": "eager"}\' traces the model without Inductor',
     )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="CUDA: bitwise-equal log-probabilities in vLLM and the trainer "
+        "(exact_engine_args, prepare_trainer)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -236,8 +257,7 @@ def main():
     policy = Policy().to(args.device, trainer_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     ModelRegistry.register_model("RLPolicy", build_policy)
-    llm = LLM(
-        model=str(write_model_dir(policy, args.dtype)),
+    engine_args = dict(
         skip_tokenizer_init=True,
         dtype=args.dtype,
         seed=0,
@@ -247,6 +267,16 @@ def main():
         compilation_config=args.compilation_config,
         use_tqdm_on_load=VERBOSE,
     )
+    if args.exact:
+        try:
+            engine_args = exact_logprobs.exact_engine_args(
+                device=args.device, **engine_args
+            )
+        except exact_logprobs.ExactLogprobsError as error:
+            parser.error(f"--exact: {error}")
+    llm = LLM(model=str(write_model_dir(policy, args.dtype)), **engine_args)
+    if args.exact:
+        exact_logprobs.prepare_trainer(policy, llm)
 
     def sampling(seed):
         # A seed per request (its samples take seed, seed + 1, ...): the run
@@ -266,6 +296,7 @@ def main():
     for step in progress:
         prompts = torch.randint(0, 10, (args.prompts_per_step,)).tolist()
         first_seed = step * args.prompts_per_step * args.samples_per_prompt
+        generate_start = time.perf_counter()
         outputs = llm.generate(
             [{"prompt_token_ids": [p]} for p in prompts],
             [
@@ -274,6 +305,9 @@ def main():
             ],
             use_tqdm=False,
         )
+        tokens_per_second = sum(
+            len(s.token_ids) for o in outputs for s in o.outputs
+        ) / (time.perf_counter() - generate_start)
         flat_prompts, completions, vllm_logprobs, rewards = [], [], [], []
         for prompt, output in zip(prompts, outputs):
             for sample in output.outputs:
@@ -293,11 +327,14 @@ def main():
 
         policy.train()
         with autocast:
-            logprobs = sequence_logprobs(policy, flat_prompts, completions)
-        logprob_diff = max(
-            (ours.detach().cpu() - theirs).abs().max().item()
-            for ours, theirs in zip(logprobs, vllm_logprobs)
+            logprobs = sequence_logprobs(policy, flat_prompts, completions, args.exact)
+        diffs = torch.cat(
+            [
+                (ours.detach().cpu() - theirs).abs()
+                for ours, theirs in zip(logprobs, vllm_logprobs)
+            ]
         )
+        logprob_diff, differing = diffs.max().item(), int((diffs != 0).sum())
         loss = -sum(
             (a.to(lp) * lp).sum() for a, lp in zip(token_advantages, logprobs)
         ) / len(logprobs)
@@ -317,7 +354,8 @@ def main():
         tqdm.write(
             f"step {step:3d}  reward {mean_reward:.3f}  sync "
             f"{sync_seconds * 1e3:6.1f} ms  max |logprob diff| "
-            f"{logprob_diff:.2e}"
+            f"{logprob_diff:.2e}  differing {differing}/{len(diffs)}  "
+            f"{tokens_per_second:.0f} tok/s"
         )
         if mean_reward >= args.target_reward:
             break

@@ -16,7 +16,7 @@ EXAMPLE = (
 )
 STEP = re.compile(
     r"^step +(\d+) +reward ([0-9.]+) +sync +([0-9.]+) ms +"
-    r"max \|logprob diff\| ([0-9.e+-]+)$"
+    r"max \|logprob diff\| ([0-9.e+-]+) +differing (\d+)/(\d+) +(\d+) tok/s$"
 )
 
 

@@ -191,6 +191,11 @@ class _RowInvariantMode(TorchFunctionMode):
         if func is torch.nn.functional.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.is_cuda and torch.is_autocast_enabled("cuda"):
+                # this runs before autocast's casts: make them here
+                dtype = torch.get_autocast_dtype("cuda")
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = bias.to(dtype) if bias is not None else None
             if self._supported(x, weight):
                 out = _RowInvariantMatmul.apply(x, weight.t())
                 return out + bias if bias is not None else out
