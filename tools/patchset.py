@@ -62,6 +62,9 @@ class Commit:
     # differs too much for one patch ("patch A.patch | B.patch"): the first
     # whose hunks all match is applied.
     patches: list[tuple[str, ...]] = field(default_factory=list)
+    # Files of vLLM's repository outside the package (its documentation):
+    # in the exported series, never installed by `apply`.
+    docs: list[str] = field(default_factory=list)
 
 
 def read_series(path: Path = PATCHES / "series") -> list[Commit]:
@@ -77,6 +80,8 @@ def read_series(path: Path = PATCHES / "series") -> list[Commit]:
             commits[-1].added.append(value)
         elif kind == "patch" and commits:
             commits[-1].patches.append(tuple(name.strip() for name in value.split("|")))
+        elif kind == "doc" and commits:
+            commits[-1].docs.append(value)
         else:
             raise PatchError(f"{path}:{lineno}: cannot read {line!r}")
     return commits
@@ -408,7 +413,8 @@ def status(target: Path) -> str:
 
 
 def export(target: Path, out: Path) -> str:
-    """`git format-patch` series against the release in `target`."""
+    """`git format-patch` series against the release in `target`, with
+    the cover letter patches/cover-letter.md (its first line the subject)."""
     commits = read_series()
     version = vllm_version(target)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,13 +448,26 @@ def export(target: Path, out: Path) -> str:
             edited = plan(work, [commit])
             for path, text in edited.items():
                 (work / path).write_text(text)
-            for name in commit.added:
+            for name in commit.added + commit.docs:
                 (work / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(REPO / name, work / name)
             run("add", "-A")
             run("commit", "-q", "-m", commit.title)
-        run("format-patch", "-q", f"v{version}..HEAD", "-o", str(out.resolve()))
-    return f"wrote {len(commits)} patches against v{version} to {out}"
+        run(
+            "format-patch",
+            "-q",
+            "--cover-letter",
+            f"v{version}..HEAD",
+            "-o",
+            str(out.resolve()),
+        )
+    cover = next(out.glob("0000-cover-letter.patch"))
+    subject, _, blurb = (PATCHES / "cover-letter.md").read_text().partition("\n")
+    text = cover.read_text().replace("*** SUBJECT HERE ***", subject.strip())
+    cover.write_text(text.replace("*** BLURB HERE ***", blurb.strip()))
+    return (
+        f"wrote a cover letter and {len(commits)} patches against v{version} to {out}"
+    )
 
 
 def wheel(base_wheel: Path, out: Path, force: bool = False) -> Path:

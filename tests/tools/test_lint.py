@@ -2,7 +2,9 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """The gates vLLM's pre-commit runs on a pull request, over this
 repository's files: ruff lint and format with vLLM's settings (ruff.toml),
-typos, and the SPDX header on every Python file."""
+typos, mypy on the modules the series adds to vLLM (as
+tools/pre_commit/mypy.py runs it), and the SPDX header on every Python
+file."""
 
 import subprocess
 import sys
@@ -34,6 +36,30 @@ def run(*command: str) -> subprocess.CompletedProcess:
 def test_clean(command):
     tool = Path(sys.executable).parent / command[0]
     result = run(str(tool), *command[1:])
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_mypy_on_the_series_modules(tmp_path):
+    """vLLM's settings (pyproject.toml: ignore_missing_imports,
+    check_untyped_defs; Python 3.10) with imports skipped, as its
+    pre-commit hook runs mypy outside CI (following them, as its CI does
+    for some directories, takes minutes here). The modules are checked in
+    the installed vLLM, where their package is."""
+    import vllm
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from patchset import read_series
+
+    added = [name for commit in read_series() for name in commit.added]
+    (tmp_path / "vllm").symlink_to(Path(vllm.__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--python-version", "3.10"]
+        + ["--follow-imports", "skip", "--ignore-missing-imports"]
+        + ["--check-untyped-defs", *added],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 

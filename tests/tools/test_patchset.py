@@ -44,7 +44,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 11 commits (10 new files, 4 upstream")
+    assert message.startswith("applied 13 commits (11 new files, 4 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -118,9 +118,14 @@ def test_hunk_that_does_not_match_writes_nothing(release_tree):
 def test_export_is_a_git_am_series(release_tree, tmp_path):
     out = tmp_path / "series"
     patchset.export(release_tree, out)
-    patches = sorted(out.glob("*.patch"))
-    assert len(patches) == 11
-    assert "[Frontend] vllm consolidate" in patches[-1].read_text()
+    cover, *patches = sorted(out.glob("*.patch"))
+    assert cover.name == "0000-cover-letter.patch"
+    letter = cover.read_text()
+    assert "Subject: [PATCH 00/13] Generic models" in letter
+    assert "*** " not in letter  # the template's placeholders are filled
+    assert len(patches) == 13
+    assert "[Frontend] vllm consolidate" in patches[-2].read_text()
+    assert "docs/models/generic_models.md" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.
     fresh = tmp_path / "fresh"

@@ -180,7 +180,7 @@ def validate_load(directory: Path) -> int:
             skip_tokenizer_init=True,
         )
         out = llm.generate(
-            [{"prompt_token_ids": VALIDATION_PROMPT}],
+            [VALIDATION_PROMPT],  # one prompt of token ids
             SamplingParams(
                 max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False
             ),

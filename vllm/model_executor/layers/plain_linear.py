@@ -25,7 +25,6 @@ through the model's `load_weights` (vLLM's weight-update path), which calls
 a parameter does not reach the prepacked copy.
 """
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -60,15 +59,21 @@ class VllmLinearForward(nn.Linear):
         return self.quant_method.apply(self, input, self.bias)
 
 
-@functools.cache
+_VLLM_FORWARD_CLASSES: dict[type[nn.Linear], type[nn.Linear]] = {}
+
+
 def _with_vllm_forward(cls: type[nn.Linear]) -> type[nn.Linear]:
+    """`cls` with vLLM's forward; one class per `cls`, made once."""
+    if cls in _VLLM_FORWARD_CLASSES:
+        return _VLLM_FORWARD_CLASSES[cls]
     bases = (VllmLinearForward,) if cls is nn.Linear else (cls, VllmLinearForward)
     # MRO: cls, its bases up to nn.Linear, VllmLinearForward, nn.Linear
-    return type(
+    made = type(
         cls.__name__,
         bases,
         {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
     )
+    return _VLLM_FORWARD_CLASSES.setdefault(cls, made)
 
 
 def _adoptable(module: nn.Module) -> bool:

@@ -304,7 +304,7 @@ class _Partitions:
     def __init__(self, files: list[Path], reopen_bytes: int = 256 << 20):
         self.files = files
         self.reopen_bytes = reopen_bytes
-        self.states = None
+        self.states: list[dict] | None = None
         self.since_open = 0
 
     def get(self) -> list[dict]:

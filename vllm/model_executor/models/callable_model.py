@@ -120,8 +120,9 @@ class CallableModelWrapper(nn.Module):
         super().__init__()
         parallel_context = ParallelContext.from_vllm_config(vllm_config)
         factory_name = _describe(self.model_factory)
+        factory = type(self).model_factory  # the class's: not a bound method
         try:
-            model = self.model_factory(vllm_config, parallel_context)
+            model = factory(vllm_config, parallel_context)
         except Exception as e:
             raise ModelFactoryError(
                 f"The model factory {factory_name} registered for "
@@ -129,7 +130,7 @@ class CallableModelWrapper(nn.Module):
             ) from e
         _check_model(self.model_arch, factory_name, model)
         self.tp_plan_applied = False
-        self.pipeline_stage = None
+        self.pipeline_stage: nn.Module | None = None  # a PipelineStage
         self.stage_aliases: dict[str, str] = {}
         self._apply_parallel_plans(model, parallel_context, vllm_config)
         bind_trainable_attention(
@@ -290,13 +291,21 @@ class CompileOrFallBack:
     from then on, with one warning."""
 
     compile_required: ClassVar[bool]
+    # set by CallableModelWrapper and vLLM's compile decorator, which this
+    # class is mixed into (`for_factory`)
+    model_arch: ClassVar[str]
+    parallel_context: ParallelContext
+    do_not_compile: bool
+    compiled: bool
+    forward: Callable[..., torch.Tensor]
 
     def __call__(self, *args, **kwargs):
+        call = super().__call__  # type: ignore[misc]  # the mixed-in class's
         if self.do_not_compile or self.compiled:
-            return super().__call__(*args, **kwargs)
+            return call(*args, **kwargs)
         start = time.perf_counter()
         try:
-            return super().__call__(*args, **kwargs)
+            return call(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as error:
             reason = next(
                 (line.strip() for line in str(error).splitlines() if line.strip()),
@@ -544,8 +553,10 @@ def _megatron_shard(
     parallel_context: ParallelContext | None,
 ) -> torch.Tensor:
     """This rank's slice of a full tensor for a Megatron-core TP param."""
-    tp_size = parallel_context.tp_size if parallel_context else 1
-    if tp_size == 1 or full.shape == param.shape:
+    if parallel_context is None or parallel_context.tp_size == 1:
+        return full
+    tp_size = parallel_context.tp_size
+    if full.shape == param.shape:
         return full
     dim = param.partition_dim
     if getattr(param, "partition_stride", 1) != 1:

@@ -515,6 +515,7 @@ class PipelineStage:
             i for i, step in enumerate(steps) if layer_stack(model, step) is not None
         )
         layers = layer_stack(model, steps[stack_index])
+        assert layers is not None  # found by the search above
         start, end = get_pp_indices(
             len(layers), parallel_context.pp_rank, parallel_context.pp_size
         )
