@@ -22,8 +22,10 @@ from vllm.model_executor.layers.exact_logprobs import (
 
 @pytest.fixture
 def environment(monkeypatch):
-    """exact_engine_args sets VLLM_BATCH_INVARIANT; undo it after."""
-    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    """exact_engine_args sets VLLM_BATCH_INVARIANT in os.environ: setting it
+    through monkeypatch first makes monkeypatch restore it after the test
+    (later engines must not inherit batch-invariant mode)."""
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
 
 
 def test_settings_of_the_exact_configuration(environment):
@@ -48,7 +50,7 @@ def test_settings_of_the_exact_configuration(environment):
 def test_what_breaks_exactness_is_refused(environment, engine_args, message):
     with pytest.raises(ExactLogprobsError, match=message):
         exact_engine_args(device="cuda", **engine_args)
-    assert "VLLM_BATCH_INVARIANT" not in os.environ
+    assert os.environ["VLLM_BATCH_INVARIANT"] == "0"
 
 
 def test_the_cpu_is_refused_with_the_reason(environment):
@@ -76,16 +78,19 @@ def _push(model, weights):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, monkeypatch):
+def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
     """64 sequences x 64 sampled tokens, bf16: every log-probability vLLM
     reports equals the trainer's recompute (training mode, all sequences
     packed into one varlen batch, gradients on) bit for bit."""
-    from tests.models.test_torchtitan_qwen3 import SMALL, write_config
-    from vllm import ModelRegistry, SamplingParams
+    from tests.models.test_torchtitan_qwen3 import (
+        ARCH,
+        SMALL,
+        Qwen3Model,
+        register,
+        write_config,
+    )
+    from vllm import SamplingParams
     from vllm.model_executor.layers.trainable_attention import pack_sequences
-
-    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
-    from model import ARCH, Qwen3Model, build_qwen3
 
     engine_args = exact_engine_args()
     from vllm.model_executor.layers.exact_logprobs import _batch_invariant
@@ -101,7 +106,7 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, monkeypatch):
     weights = {name: p.detach().cpu() for name, p in trainer.named_parameters()}
 
     write_config(tmp_path, ARCH)
-    ModelRegistry.register_model(ARCH, build_qwen3)
+    register()
     llm = make_llm(
         tmp_path,
         ARCH,
