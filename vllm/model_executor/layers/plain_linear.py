@@ -25,6 +25,7 @@ through the model's `load_weights` (vLLM's weight-update path), which calls
 a parameter does not reach the prepacked copy.
 """
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -59,21 +60,15 @@ class VllmLinearForward(nn.Linear):
         return self.quant_method.apply(self, input, self.bias)
 
 
-_VLLM_FORWARD_CLASSES: dict[type[nn.Linear], type[nn.Linear]] = {}
-
-
+@functools.cache
 def _with_vllm_forward(cls: type[nn.Linear]) -> type[nn.Linear]:
-    """`cls` with vLLM's forward; one class per `cls`, made once."""
-    if cls in _VLLM_FORWARD_CLASSES:
-        return _VLLM_FORWARD_CLASSES[cls]
     bases = (VllmLinearForward,) if cls is nn.Linear else (cls, VllmLinearForward)
     # MRO: cls, its bases up to nn.Linear, VllmLinearForward, nn.Linear
-    made = type(
+    return type(
         cls.__name__,
         bases,
         {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
     )
-    return _VLLM_FORWARD_CLASSES.setdefault(cls, made)
 
 
 def _adoptable(module: nn.Module) -> bool:
@@ -101,7 +96,8 @@ def use_vllm_linear_method(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if _adoptable(module):
-            module.__class__ = _with_vllm_forward(type(module))
+            # (a class is hashable; mypy's functools.cache stub disagrees)
+            module.__class__ = _with_vllm_forward(type(module))  # type: ignore[arg-type]
             module.quant_method = PlainLinearMethod()
             count += 1
     return count

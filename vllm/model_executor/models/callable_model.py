@@ -41,6 +41,10 @@ from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.model_executor.layers.exact_logprobs import (
+    batch_invariant_mode_on,
+    row_invariant_matmuls,
+)
 from vllm.model_executor.layers.trainable_attention import bind_trainable_attention
 from vllm.model_executor.parallel_context import ParallelContext
 
@@ -132,6 +136,8 @@ class CallableModelWrapper(nn.Module):
         self.tp_plan_applied = False
         self.pipeline_stage: nn.Module | None = None  # a PipelineStage
         self.stage_aliases: dict[str, str] = {}
+        # decided once: compute_logits runs every engine step
+        self.row_invariant_logits = batch_invariant_mode_on()
         self._apply_parallel_plans(model, parallel_context, vllm_config)
         bind_trainable_attention(
             model,
@@ -242,11 +248,9 @@ class CallableModelWrapper(nn.Module):
             raise _sharded_forward_error(self.model, self.model_arch, e) from e
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from vllm.model_executor.layers import exact_logprobs
-
-        if exact_logprobs.batch_invariant_mode_on():
+        if self.row_invariant_logits:
             # the engine's logits rows must not depend on how many it samples
-            with exact_logprobs.row_invariant_matmuls():
+            with row_invariant_matmuls():
                 return self.model.compute_logits(hidden_states)
         return self.model.compute_logits(hidden_states)
 
@@ -555,9 +559,9 @@ def _megatron_shard(
     """This rank's slice of a full tensor for a Megatron-core TP param."""
     if parallel_context is None or parallel_context.tp_size == 1:
         return full
-    tp_size = parallel_context.tp_size
     if full.shape == param.shape:
         return full
+    tp_size = parallel_context.tp_size
     dim = param.partition_dim
     if getattr(param, "partition_stride", 1) != 1:
         raise ValueError(
