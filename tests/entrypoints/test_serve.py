@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, greedy_recompute
+from tests.conftest import IN_PROCESS_ENGINE, REPO, greedy_recompute
 
 EXAMPLE = REPO / "examples/offline_inference/torchtitan_qwen3"
 sys.path.insert(0, str(EXAMPLE))
@@ -119,7 +119,7 @@ if __name__ == "__main__":
                                       temperature=0.0, ignore_eos=True))
     print("TOKENS", list(out[0].outputs[0].token_ids))
 """)
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR")
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR", **IN_PROCESS_ENGINE)
     env.pop("PYTHONPATH", None)  # the factory comes from the directory
     result = subprocess.run(
         [sys.executable, str(script)],

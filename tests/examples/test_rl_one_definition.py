@@ -3,12 +3,15 @@
 """examples/offline_inference/rl_one_definition.py: GRPO with vLLM sampling
 every batch from the trainer's module, weights pushed after every step."""
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import IN_PROCESS_ENGINE
 
 EXAMPLE = (
     Path(__file__).resolve().parents[2]
@@ -24,6 +27,7 @@ STEP = re.compile(
 def test_reward_rises_and_logprobs_agree():
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--steps", "120", "--enforce-eager"],
+        env=dict(os.environ, **IN_PROCESS_ENGINE),
         capture_output=True,
         text=True,
         timeout=580,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import IN_PROCESS_ENGINE, REPO
 from vllm.entrypoints.cli.consolidate import validate_load
 from vllm.model_executor.model_loader.consolidate import ConsolidateError, consolidate
 
@@ -154,7 +154,7 @@ def test_validate_load_serves_the_models_tokens(llama, tmp_path, capsys):
     command with the reason."""
     model, reference = llama
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR")
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR", **IN_PROCESS_ENGINE)
     command = [
         VLLM,
         "consolidate",

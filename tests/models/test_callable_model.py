@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAX_TOKENS, PROMPTS, REPO, greedy_tokens, run_llm
+from tests.conftest import (
+    IN_PROCESS_ENGINE,
+    MAX_TOKENS,
+    PROMPTS,
+    REPO,
+    greedy_tokens,
+    run_llm,
+)
 from tests.models.tiny_decoder import (
     TinyConfig,
     TinyDecoder,
@@ -103,7 +110,9 @@ def test_module_string_from_script_directory(
     vLLM's inspection subprocess and spawned processes must get the
     parent's import path to find it."""
     path, _ = tiny_checkpoint
-    env = dict(os.environ, PYTHONPATH=str(REPO))  # not the script's dir
+    # not the script's dir; the engine core in the script's process, its
+    # worker spawned (IN_PROCESS_ENGINE with the script's "mp" executor)
+    env = dict(os.environ, PYTHONPATH=str(REPO), **IN_PROCESS_ENGINE)
     assert generate_in_script(SCRIPT, path, tmp_path, env) == (tiny_reference_tokens)
 
 
@@ -240,7 +249,7 @@ if __name__ == "__main__":
     llm = LLM(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32",
               hf_overrides={"architectures": ["TinyFromPlugin"]},
               gpu_memory_utilization=0.1, max_model_len=512, seed=0,
-              enforce_eager=True)
+              enforce_eager=True, distributed_executor_backend="mp")
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in json.loads(sys.argv[2])],
         SamplingParams(max_tokens=int(sys.argv[3]), temperature=0.0,
@@ -275,6 +284,7 @@ def test_installed_package_registers_through_vllm_plugin(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
         VLLM_LOGGING_LEVEL="ERROR",
+        **IN_PROCESS_ENGINE,  # the script's worker is still spawned
     )
     env.pop("VLLM_MODEL_REGISTRATIONS", None)
     env.pop("VLLM_PLUGINS", None)  # every installed plugin loads

@@ -5,14 +5,17 @@ refuses (CPU), and on CUDA every sampled token's log-probability from vLLM
 `torch.equal` to the trainer's recompute through the same module."""
 
 import functools
+import importlib
 import os
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import make_llm, shutdown_llm
+from tests.conftest import REPO, make_llm, shutdown_llm
 from vllm.model_executor.layers.exact_logprobs import (
     ExactLogprobsError,
+    _batch_invariant,
     exact_engine_args,
     prepare_trainer,
     row_invariant_matmuls,
@@ -79,9 +82,7 @@ def _push(model, weights):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
-    """64 sequences x 64 sampled tokens, bf16: every log-probability vLLM
-    reports equals the trainer's recompute (training mode, all sequences
-    packed into one varlen batch, gradients on) bit for bit."""
+    """The TorchTitan Qwen3, bf16, weights pushed from the trainer."""
     from tests.models.test_torchtitan_qwen3 import (
         ARCH,
         SMALL,
@@ -89,12 +90,8 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
         register,
         write_config,
     )
-    from vllm import SamplingParams
-    from vllm.model_executor.layers.trainable_attention import pack_sequences
 
     engine_args = exact_engine_args()
-    from vllm.model_executor.layers.exact_logprobs import _batch_invariant
-
     _batch_invariant().init_batch_invariance()  # before the trainer's ops
     torch.manual_seed(0)
     with torch.device("cuda"):  # as vLLM builds its copy (rotary table)
@@ -103,13 +100,76 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
         if parameter.dim() == 2:
             torch.nn.init.normal_(parameter, std=0.02)
         parameter.data = parameter.data.to(torch.bfloat16)
-    weights = {name: p.detach().cpu() for name, p in trainer.named_parameters()}
-
     write_config(tmp_path, ARCH)
     register()
+    assert_engine_logprobs_equal_trainers(
+        trainer, tmp_path, ARCH, SMALL.vocab_size, engine_args
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_exact_logprobs_megatron_core(tmp_path, environment):
+    """The Megatron-core ground-truth model (Megatron's tensor-parallel
+    layers, a one-rank group in the trainer), bf16."""
+    pytest.importorskip("megatron.core")
+    import torch.distributed as dist
+
+    from vllm import ModelRegistry
+    from vllm.model_executor.parallel_context import ParallelContext
+
+    megatron = import_example("custom_model_with_megatron")
+    engine_args = exact_engine_args()
+    _batch_invariant().init_batch_invariance()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        world = dist.new_group([0], backend="gloo")  # a group object to hold
+        assert world is not None
+        torch.manual_seed(0)
+        trainer = megatron.MegatronDecoder(
+            megatron.DecoderConfig(),
+            ParallelContext(
+                tp_group=world, tp_cpu_group=world, device=torch.device("cuda")
+            ),
+            torch.bfloat16,
+        ).cuda()
+        # Megatron-core 0.17 keeps tp_group=None when torch.distributed
+        # reports no default group at construction: say so here, not in
+        # the forward's all-reduce
+        assert trainer.embedding.tp_group is world, dist.is_initialized()
+        megatron.write_config(tmp_path, megatron.DecoderConfig())
+        ModelRegistry.register_model(megatron.ARCH, megatron.build_megatron_decoder)
+        assert_engine_logprobs_equal_trainers(
+            trainer,
+            tmp_path,
+            megatron.ARCH,
+            megatron.DecoderConfig.vocab_size,
+            engine_args,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def import_example(name):
+    """An example module, importable by name in the engine's spawned
+    workers too (they inherit sys.path): the factory pickles by name."""
+    sys.path.insert(0, str(REPO / "examples/offline_inference"))
+    return importlib.import_module(name)
+
+
+def assert_engine_logprobs_equal_trainers(
+    trainer, model_dir, arch, vocab_size, engine_args
+):
+    """64 sequences x 64 sampled tokens: every log-probability vLLM reports
+    equals the trainer's recompute (training mode, all sequences packed
+    into one varlen batch, gradients on) bit for bit."""
+    from vllm import SamplingParams
+    from vllm.model_executor.layers.trainable_attention import pack_sequences
+
+    weights = {name: p.detach().cpu() for name, p in trainer.named_parameters()}
     llm = make_llm(
-        tmp_path,
-        ARCH,
+        model_dir,
+        arch,
         spawn_workers=True,  # the engine's GPU state apart from the trainer's
         dtype="bfloat16",
         load_format="dummy",
@@ -120,7 +180,7 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
             len(weights)
         }
         generator = torch.Generator().manual_seed(1)
-        prompts = torch.randint(10, SMALL.vocab_size, (64, 32), generator=generator)
+        prompts = torch.randint(10, vocab_size, (64, 32), generator=generator)
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts.tolist()],
             [
@@ -165,8 +225,8 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
         targets.extend(sequence[32:])
         start += len(sequence)
     recomputed = token_logprobs(logits[rows], torch.tensor(targets, device="cuda"))
-    recomputed.sum().backward()  # a trainer's loss reaches the weights
-    assert trainer.output.weight.grad is not None
+    recomputed.sum().backward()  # a trainer's loss reaches every weight
+    assert all(p.grad is not None for p in trainer.parameters())
     recomputed = recomputed.detach().cpu()
     assert len(recomputed) == 64 * 64
     differing = int((recomputed != engine).sum())

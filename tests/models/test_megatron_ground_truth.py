@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import IN_PROCESS_ENGINE
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples/offline_inference/custom_model_with_megatron.py"
 
@@ -22,7 +24,7 @@ def run_example(*args, timeout=600):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **IN_PROCESS_ENGINE),
     )
     output = result.stdout + result.stderr
     summary = "\n".join(

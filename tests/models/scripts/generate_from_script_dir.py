@@ -27,6 +27,7 @@ if __name__ == "__main__":
         max_model_len=512,
         seed=0,
         enforce_eager=True,
+        distributed_executor_backend="mp",  # a spawned worker, also at TP=1
     )
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],

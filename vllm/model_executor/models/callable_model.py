@@ -160,6 +160,9 @@ class CallableModelWrapper(nn.Module):
             setattr(model, CHECKPOINT_LOADED, True)
         self.model = model
         self.parallel_context = parallel_context
+        for module in model.modules():
+            if type(module).get_extra_state is not nn.Module.get_extra_state:
+                module.register_state_dict_post_hook(_drop_extra_state)
 
     def _apply_parallel_plans(
         self,
@@ -336,6 +339,14 @@ class CompileOrFallBack:
                     time.perf_counter() - start,
                 )
             return self.forward(*args, **kwargs)
+
+
+def _drop_extra_state(module, state_dict, prefix, local_metadata) -> None:
+    """Megatron-core's layers put `<name>._extra_state: None` entries in
+    their state dicts (a slot for Transformer Engine); vLLM's loaders read
+    every module's state dict as weights (the dummy loader per module)."""
+    for name in [k for k, v in state_dict.items() if not torch.is_tensor(v)]:
+        del state_dict[name]
 
 
 def _sharded_forward_error(
