@@ -7,11 +7,15 @@ and the bandwidth reached against the copy's physical limit.
     python benchmarks/benchmark_weight_sync.py --size 0.6b    # GPU
     python benchmarks/benchmark_weight_sync.py --size small   # CPU
 
-Two push paths, both ending in the model's `load_weights` in each worker:
+The push paths:
 
-- `LLM.apply_model` with the trainer's state dict as CPU tensors (what
-  `examples/offline_inference/rl_one_definition.py` does): the tensors are
-  serialised to the engine core and on to each worker. Every platform.
+- `LLM.apply_model` with the trainer's state dict as CPU tensors, into the
+  model's `load_weights` in each worker: the tensors are serialised to the
+  engine core and on to each worker. Every platform.
+- `SharedWeights` (vllm/model_executor/model_loader/shared_weights.py):
+  the trainer packs its weights into one shared-memory buffer laid out
+  once; each worker checks the layout once, then copies from the buffer.
+  Every platform; timed with the pack included.
 - CUDA only: vLLM's CUDA-IPC weight-transfer engine
   (`weight_transfer_config={"backend": "ipc"}`), for a trainer whose
   weights are on the same GPU: the workers open the trainer's tensors by
@@ -162,6 +166,28 @@ def main():
         assert loaded == [len(state)], loaded
         pushes = pushes[1:]
 
+        from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+        shared_pushes = []
+        with SharedWeights(state) as shared:
+            for index in range(args.rounds + 1):
+                start = time.perf_counter()
+                shared(llm, state)  # pack, copy in every worker, reset
+                shared_pushes.append(time.perf_counter() - start)
+                print(
+                    f"shared-memory push {index}"
+                    f"{' (warm-up)' if index == 0 else ''}: "
+                    f"{shared_pushes[-1]:.3f} s",
+                    flush=True,
+                )
+        shared_pushes = shared_pushes[1:]
+        expected = weight_checksums(trainer)
+        got = llm.apply_model(functools.partial(weight_checksums))[0]
+        shared_verified = got.keys() == expected.keys() and all(
+            abs(got[name] - value) <= 1e-6 * (1 + abs(value))
+            for name, value in expected.items()
+        )
+
         ipc_pushes, ipc_error = [], None
         ipc_verified = None
         if use_ipc:
@@ -186,7 +212,7 @@ def main():
                 ipc_pushes = ipc_pushes[1:]
                 # the engine holds what the trainer sent
                 expected = weight_checksums(on_gpu)
-                got = llm.apply_model(weight_checksums)[0]
+                got = llm.apply_model(functools.partial(weight_checksums))[0]
                 ipc_verified = got.keys() == expected.keys() and all(
                     abs(got[name] - value) <= 1e-6 * (1 + abs(value))
                     for name, value in expected.items()
@@ -216,6 +242,16 @@ def main():
         f"{'push, LLM.apply_model + load_weights (median)':52s} "
         f"{push:9.3f} {gigabytes / push:8.2f}   "
         f"(min {min(pushes):.3f}, max {max(pushes):.3f})"
+    )
+    shared_push = statistics.median(shared_pushes)
+    print(
+        f"{'push, SharedWeights: pack + copy (median)':52s} "
+        f"{shared_push:9.3f} {gigabytes / shared_push:8.2f}   "
+        f"(min {min(shared_pushes):.3f}, max {max(shared_pushes):.3f})"
+    )
+    print(
+        f"  engine's weights after the shared-memory pushes equal the "
+        f"trainer's: {shared_verified}"
     )
     print(
         f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
@@ -247,7 +283,8 @@ def main():
         )
     print(
         f"push vs restart: {restart / push:.1f}x faster; push reaches "
-        f"{limit / push:.1%} of the copy limit"
+        f"{limit / push:.1%} of the copy limit; SharedWeights "
+        f"{limit / shared_push:.1%}"
     )
 
 

@@ -32,7 +32,6 @@ throughput. `--exact` (CUDA) runs both sides in the exact configuration
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ VERBOSE = "--verbose" in sys.argv
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if VERBOSE else "ERROR")
 if not VERBOSE:  # deprecation notices from inside vLLM and torch
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-# The weight push sends a function to the workers (LLM.apply_model).
+# The weight push sends a callable to the workers (LLM.apply_model).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 import torch  # noqa: E402
@@ -59,6 +58,9 @@ from vllm.model_executor.layers import exact_logprobs  # noqa: E402
 from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
     TrainableFlashAttention,
     pack_sequences,
+)
+from vllm.model_executor.model_loader.shared_weights import (  # noqa: E402
+    SharedWeights,
 )
 
 VOCAB = 16  # tokens 0-9 are digits; the others are never rewarded
@@ -164,21 +166,12 @@ def sequence_logprobs(policy, prompts, completions, exact) -> list[torch.Tensor]
     return list(logprobs.split([length - 1 for length in lengths]))
 
 
-def load_pushed_weights(model, weights):
-    """Runs in each vLLM worker: an update names only what it changes."""
-    return len(model.load_weights(weights.items()))
-
-
-def push_weights(llm: LLM, policy: nn.Module, dtype: torch.dtype) -> float:
-    """Copy the trainer's weights, cast to the engine's dtype, into the
-    running engine; returns the seconds it took."""
+def push_weights(llm: LLM, policy: nn.Module, shared: SharedWeights) -> float:
+    """Copy the trainer's weights into the running engine through the
+    shared-memory buffer (cast to the engine's dtype on the way in; the
+    prefix cache is reset); returns the seconds it took."""
     start = time.perf_counter()
-    weights = {
-        name: p.detach().to(dtype).cpu() for name, p in policy.named_parameters()
-    }
-    llm.apply_model(functools.partial(load_pushed_weights, weights=weights))
-    # cached prefixes hold KV computed with the old weights
-    llm.reset_prefix_cache()
+    shared(llm, policy)
     return time.perf_counter() - start
 
 
@@ -277,6 +270,9 @@ def main():
     llm = LLM(model=str(write_model_dir(policy, args.dtype)), **engine_args)
     if args.exact:
         exact_logprobs.prepare_trainer(policy, llm)
+    # The weight push: one shared-memory buffer laid out from the policy
+    # once, which every worker copies from after each optimiser step.
+    shared = SharedWeights(policy, dtype=dtype)
 
     def sampling(seed):
         # A seed per request (its samples take seed, seed + 1, ...): the run
@@ -341,7 +337,7 @@ def main():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        sync_seconds = push_weights(llm, policy, dtype)
+        sync_seconds = push_weights(llm, policy, shared)
 
         mean_reward = rewards_t.mean().item()
         history.append((mean_reward, sync_seconds, logprob_diff))
@@ -360,6 +356,7 @@ def main():
         if mean_reward >= args.target_reward:
             break
 
+    shared.close()
     rewards_seen = [r for r, _, _ in history]
     trainer = f", trainer {args.trainer_dtype}" if trainer_dtype != dtype else ""
     print(

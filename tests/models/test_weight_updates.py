@@ -198,3 +198,78 @@ def test_update_while_a_request_is_running(
         expected.append(int(logits[-1].argmax()))
     assert final == expected
     assert fresh == greedy_recompute(updated_model, prompt)
+
+
+# ------------------------------------- pushes through shared memory (plan)
+
+
+def test_planned_push_is_atomic_among_hundreds_of_tensors():
+    """A layout with one wrong shape and one unknown name among 400 good
+    tensors: one error names both, and nothing is copied; a push of names
+    outside the layout is refused the same way."""
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+    model = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(200))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pushed = {name: torch.randn(p.shape) for name, p in model.named_parameters()}
+    pushed["57.weight"] = torch.randn(8, 9)
+    pushed["200.weight"] = torch.randn(8, 8)
+    with SharedWeights(pushed) as shared:
+        shared.pack(pushed)
+        with pytest.raises(ValueError) as excinfo:
+            shared.request()(model)
+    message = str(excinfo.value)
+    assert "2 problem(s); nothing was copied" in message
+    assert "57.weight: pushed (8, 9), model (8, 8)" in message
+    assert "200.weight: not a parameter of the model" in message
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+    good = {name: torch.randn(p.shape) for name, p in model.named_parameters()}
+    with SharedWeights(good) as shared:
+        shared.pack(good)
+        with pytest.raises(ValueError, match="not in the buffer's layout.*9.bias"):
+            shared.request(["0.weight", "9.bias.typo"])(model)
+        assert torch.equal(model[0].weight, before["0.weight"])
+        assert shared.request(["3.bias"])(model) == 1  # a part of it
+        assert torch.equal(model[3].bias, good["3.bias"])
+        assert torch.equal(model[3].weight, before["3.weight"])
+        assert shared.request()(model) == 400
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, good[name])
+
+
+@pytest.mark.parametrize("engine_fixture", ["tiny_engine", "tiny_engine_tp2"])
+def test_planned_push_reaches_running_engine(request, tiny_checkpoint, engine_fixture):
+    """SharedWeights into a running engine (TP=1: plain copies; TP=2: each
+    rank cuts its shards through load_weights): the whole model, then a part
+    of it, then the old weights back; vLLM computes each pushed model's
+    logits."""
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+    llm = request.getfixturevalue(engine_fixture)
+    _, model = tiny_checkpoint
+    vocab = model.lm_head.out_features
+    updated_model = with_update(model, trained(model))
+    old_head = {"lm_head.weight": model.lm_head.weight.detach().clone()}
+    with SharedWeights(model) as shared:
+        try:
+            loaded = shared(llm, updated_model)
+            after, _ = logits_and_tokens(llm, PROMPTS, vocab)
+            shared.pack(model)
+            partially = shared(llm, names=["lm_head.weight"])
+            after_part, _ = logits_and_tokens(llm, PROMPTS, vocab)
+        finally:
+            shared(llm, model)
+        restored, _ = logits_and_tokens(llm, PROMPTS, vocab)
+
+    assert loaded == len(list(model.parameters())) and partially == 1
+    expected = (
+        (after, updated_model),
+        (after_part, with_update(updated_model, old_head)),
+        (restored, model),
+    )
+    for got_all, reference in expected:
+        for got, want in zip(got_all, training_forward(reference, PROMPTS)):
+            torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
+    assert (torch.cat(after) - torch.cat(restored)).abs().max() > 1e-2

@@ -1,0 +1,295 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Weight pushes from a trainer into running engines through one shared
+memory buffer, by a plan made once.
+
+`LLM.apply_model` with a state dict pickles every tensor to the engine
+core and again to each worker: on the CPU that moves 0.2 GB/s against a
+host memory copy's several GB/s. A trainer and a generator that run the
+same model definition know every name, shape and dtype in advance, so:
+
+- the trainer lays its parameters out once in a file-backed buffer in
+  shared memory (`/dev/shm`) and, at each push, copies their current
+  values in (`pack`);
+- each worker maps the same file, checks the layout against its model
+  once (names, shapes, dtypes; nothing is copied if anything is wrong) and
+  keeps the result: which of its parameters each slice of the buffer
+  feeds;
+- a push then sends only the buffer's name: each worker copies the slices
+  into its parameters. Parameters a worker holds a shard of (vLLM's
+  parallel layers, Megatron-core tensor-parallel layers) go through the
+  model's `load_weights`, reading the slices in place.
+
+    push = SharedWeights(policy)      # once
+    push(llm)                         # after every optimiser step
+    push(llm, names=["output.weight"])  # a part of the model
+    push.close()
+
+Workers on the trainer's machine only; any device (a worker on a GPU
+copies host to device).
+"""
+
+import os
+import tempfile
+import uuid
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Start every tensor at a cache line, so that no two share one.
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # bytes into the buffer
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SharedWeights:
+    """A trainer module's parameters (or any named tensors), laid out in
+    one shared-memory buffer that running engines read from.
+
+    `dtype` is the engine's dtype (the buffer holds the values cast once,
+    on the trainer's side); by default each tensor keeps its own."""
+
+    def __init__(
+        self,
+        tensors: nn.Module | Mapping[str, torch.Tensor],
+        dtype: torch.dtype | None = None,
+        directory: str = "/dev/shm",
+    ) -> None:
+        named = _named_tensors(tensors)
+        slots, offset = [], 0
+        for name, tensor in named.items():
+            offset = -(-offset // _ALIGN) * _ALIGN
+            slot = _Slot(name, tuple(tensor.shape), dtype or tensor.dtype, offset)
+            slots.append(slot)
+            offset += slot.nbytes
+        self.slots = tuple(slots)
+        self.nbytes = max(offset, 1)
+        descriptor, self.path = tempfile.mkstemp(
+            prefix="vllm-weights-", dir=directory if os.path.isdir(directory) else None
+        )
+        os.close(descriptor)
+        self.buffer = torch.from_file(
+            self.path, shared=True, size=self.nbytes, dtype=torch.uint8
+        )
+        self.views = _views(self.buffer, self.slots)
+        # a new layout or a new file gets a new plan in the workers
+        self.key = uuid.uuid4().hex
+
+    def pack(self, tensors: nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Copy the current values in (casting to the buffer's dtypes).
+        Every tensor of the layout must be there, with its shape."""
+        named = _named_tensors(tensors)
+        missing = [slot.name for slot in self.slots if slot.name not in named]
+        if missing:
+            raise ValueError(
+                f"pack: {len(missing)} tensor(s) of the layout are missing: "
+                f"{', '.join(missing[:10])}"
+            )
+        with torch.no_grad():
+            for slot in self.slots:
+                self.views[slot.name].copy_(named[slot.name])
+
+    def __call__(
+        self,
+        llm,
+        tensors: nn.Module | Mapping[str, torch.Tensor] | None = None,
+        names: Iterable[str] | None = None,
+    ) -> int:
+        """Push into `llm` (a `vllm.LLM`): pack `tensors` first if given,
+        have every worker copy the buffer (or only `names` of it) into its
+        model, and reset the prefix cache (cached KV holds the old
+        weights). Returns the number of tensors each worker loaded."""
+        if tensors is not None:
+            self.pack(tensors)
+        copies = llm.apply_model(self.request(names))
+        llm.reset_prefix_cache()
+        return copies[0]
+
+    def request(self, names: Iterable[str] | None = None) -> "CopyFromSharedWeights":
+        """What `apply_model` sends: the buffer's name and layout, no
+        tensors."""
+        return CopyFromSharedWeights(
+            self.path,
+            self.nbytes,
+            self.slots,
+            self.key,
+            None if names is None else tuple(names),
+        )
+
+    def close(self) -> None:
+        """Remove the file (workers that mapped it keep their mapping until
+        their plan goes)."""
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def __enter__(self) -> "SharedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CopyFromSharedWeights:
+    """Runs in each worker, through `apply_model`: copy the buffer's
+    tensors into the model (a `CallableModelWrapper`). A plain class, not
+    a dataclass: vLLM's msgpack encoder would send a dataclass to the
+    engine core as a dict of its fields."""
+
+    def __init__(
+        self,
+        path: str,
+        nbytes: int,
+        slots: tuple[_Slot, ...],
+        key: str,
+        names: tuple[str, ...] | None = None,
+    ) -> None:
+        self.path, self.nbytes, self.slots = path, nbytes, slots
+        self.key, self.names = key, names
+
+    def __call__(self, model: nn.Module) -> int:
+        plans = _PLANS.setdefault(model, {})
+        plan = plans.get(self.key)
+        if plan is None:
+            plans.clear()  # one buffer per model: the previous one goes
+            plan = plans[self.key] = _WorkerPlan(model, self)
+        return plan.copy(self.names)
+
+
+# Per model, the plan of the buffer it was last pushed from.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[str, _WorkerPlan]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _WorkerPlan:
+    """Which parameter each slice of the buffer feeds, checked once."""
+
+    def __init__(self, model: nn.Module, request: CopyFromSharedWeights) -> None:
+        # imported here: vLLM's model utilities import the model registry
+        from vllm.model_executor.models.callable_model import (
+            _check_tensor,
+            _full_shape_problem,
+        )
+        from vllm.model_executor.models.utils import is_pp_missing_parameter
+
+        buffer = torch.from_file(
+            request.path, shared=True, size=request.nbytes, dtype=torch.uint8
+        )
+        self.model = model
+        self.views = _views(buffer, request.slots)
+        module = getattr(model, "model", model)  # the factory's module
+        aliases = getattr(model, "stage_aliases", {})
+        params = dict(module.named_parameters(remove_duplicate=False))
+        # A module with its own loader or name mapper decides where each
+        # tensor goes: every tensor takes the model's load_weights.
+        by_loader = hasattr(module, "load_weights") or hasattr(
+            module, "hf_to_vllm_mapper"
+        )
+        self.direct: dict[str, torch.Tensor] = {}
+        self.loaded: list[str] = []  # through the model's load_weights
+        self.elsewhere: set[str] = set()  # another pipeline stage's
+        problems: list[str] = []
+        for slot in request.slots:
+            name = aliases.get(slot.name, slot.name)
+            target = params.get(name)
+            if by_loader:
+                self.loaded.append(slot.name)
+            elif target is None and is_pp_missing_parameter(name, module):
+                self.elsewhere.add(slot.name)
+            elif target is None:
+                problems.append(f"{slot.name}: not a parameter of the model")
+            elif getattr(target, "weight_loader", None) or getattr(
+                target, "tensor_model_parallel", False
+            ):
+                problem = _check_tensor(name, target, self.views[slot.name])
+                if problem is None and getattr(target, "weight_loader", None):
+                    problem = _full_shape_problem(
+                        module, name, target, self.views[slot.name]
+                    )
+                if problem:
+                    problems.append(problem)
+                else:
+                    self.loaded.append(slot.name)  # this rank cuts its shard
+            else:
+                problem = _check_tensor(name, target, self.views[slot.name])
+                if problem is None and target.shape != slot.shape:
+                    problem = (
+                        f"{slot.name}: pushed {slot.shape}, model {tuple(target.shape)}"
+                    )
+                if problem:
+                    problems.append(problem)
+                else:
+                    self.direct[slot.name] = target
+        if problems:
+            raise ValueError(
+                f"The pushed layout does not fit the model "
+                f"({len(problems)} problem(s); nothing was copied): "
+                + "; ".join(problems[:20])
+            )
+
+    def copy(self, names: tuple[str, ...] | None) -> int:
+        if names is None:
+            names = tuple(self.views)
+        else:
+            unknown = [name for name in names if name not in self.views]
+            if unknown:
+                raise ValueError(
+                    f"Push of names not in the buffer's layout (nothing was "
+                    f"copied): {', '.join(unknown[:20])}. Make a SharedWeights "
+                    "that holds them."
+                )
+        loaded = [name for name in names if name in self.loaded]
+        direct = [name for name in names if name in self.direct]
+        if loaded:  # checked first: it raises before changing anything
+            self.model.load_weights((name, self.views[name]) for name in loaded)
+        with torch.no_grad():
+            for name in direct:
+                self.direct[name].copy_(self.views[name])
+        if direct:
+            # the layers' processed (prepacked) copies follow
+            from vllm.model_executor.layers.plain_linear import (
+                refresh_vllm_linear_method,
+            )
+
+            refresh_vllm_linear_method(
+                getattr(self.model, "model", self.model),
+                (self.direct[name] for name in direct),
+            )
+        return len(loaded) + len(direct)
+
+
+def _named_tensors(
+    tensors: nn.Module | Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    if isinstance(tensors, nn.Module):
+        return {name: p.detach() for name, p in tensors.named_parameters()}
+    return {name: t.detach() for name, t in tensors.items()}
+
+
+def _views(buffer: torch.Tensor, slots: Iterable[_Slot]) -> dict[str, torch.Tensor]:
+    return {
+        slot.name: buffer[slot.offset : slot.offset + slot.nbytes]
+        .view(slot.dtype)
+        .view(slot.shape)
+        for slot in slots
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
