@@ -63,6 +63,28 @@ def weight_checksums(model) -> dict[str, float]:
     return {name: p.double().sum().item() for name, p in module.named_parameters()}
 
 
+def engine_holds(llm, trainer) -> bool:
+    """Whether every parameter's sum in the engine equals the trainer's."""
+    expected = weight_checksums(trainer)
+    got = llm.apply_model(functools.partial(weight_checksums))[0]
+    return got.keys() == expected.keys() and all(
+        abs(got[name] - value) <= 1e-6 * (1 + abs(value))
+        for name, value in expected.items()
+    )
+
+
+def timed_pushes(label: str, push, rounds: int) -> list[float]:
+    """Seconds of each of `rounds` calls of `push` after one warm-up."""
+    seconds = []
+    for index in range(rounds + 1):
+        start = time.perf_counter()
+        push()
+        seconds.append(time.perf_counter() - start)
+        warm_up = " (warm-up)" if index == 0 else ""
+        print(f"{label} {index}{warm_up}: {seconds[-1]:.3f} s", flush=True)
+    return seconds[1:]
+
+
 def push_by_ipc(llm, trainer) -> None:
     """vLLM's CUDA-IPC weight-transfer engine, the trainer on the same GPU."""
     from dataclasses import asdict
@@ -168,25 +190,12 @@ def main():
 
         from vllm.model_executor.model_loader.shared_weights import SharedWeights
 
-        shared_pushes = []
         with SharedWeights(state) as shared:
-            for index in range(args.rounds + 1):
-                start = time.perf_counter()
-                shared(llm, state)  # pack, copy in every worker, reset
-                shared_pushes.append(time.perf_counter() - start)
-                print(
-                    f"shared-memory push {index}"
-                    f"{' (warm-up)' if index == 0 else ''}: "
-                    f"{shared_pushes[-1]:.3f} s",
-                    flush=True,
-                )
-        shared_pushes = shared_pushes[1:]
-        expected = weight_checksums(trainer)
-        got = llm.apply_model(functools.partial(weight_checksums))[0]
-        shared_verified = got.keys() == expected.keys() and all(
-            abs(got[name] - value) <= 1e-6 * (1 + abs(value))
-            for name, value in expected.items()
-        )
+            # each: pack, copy in every worker, reset the prefix cache
+            shared_pushes = timed_pushes(
+                "shared-memory push", lambda: shared(llm, state), args.rounds
+            )
+        shared_verified = engine_holds(llm, trainer)
 
         ipc_pushes, ipc_error = [], None
         ipc_verified = None
@@ -197,26 +206,14 @@ def main():
                     parameter.neg_()
             try:
                 llm.init_weight_transfer_engine({"init_info": {}})
-                for index in range(args.rounds + 1):
+
+                def ipc_push():
                     torch.cuda.synchronize()
-                    start = time.perf_counter()
                     push_by_ipc(llm, on_gpu)
                     llm.reset_prefix_cache()
-                    ipc_pushes.append(time.perf_counter() - start)
-                    print(
-                        f"IPC push {index}"
-                        f"{' (warm-up)' if index == 0 else ''}: "
-                        f"{ipc_pushes[-1]:.3f} s",
-                        flush=True,
-                    )
-                ipc_pushes = ipc_pushes[1:]
-                # the engine holds what the trainer sent
-                expected = weight_checksums(on_gpu)
-                got = llm.apply_model(functools.partial(weight_checksums))[0]
-                ipc_verified = got.keys() == expected.keys() and all(
-                    abs(got[name] - value) <= 1e-6 * (1 + abs(value))
-                    for name, value in expected.items()
-                )
+
+                ipc_pushes = timed_pushes("IPC push", ipc_push, args.rounds)
+                ipc_verified = engine_holds(llm, on_gpu)  # what it sent
             except Exception as error:  # reported in the table
                 ipc_error = f"{type(error).__name__}: {error}"
                 print(f"IPC push failed: {ipc_error}", flush=True)

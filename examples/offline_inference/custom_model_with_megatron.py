@@ -238,23 +238,21 @@ def build_megatron_decoder(vllm_config, parallel_context):
     return MegatronDecoder(config, parallel_context, vllm_config.model_config.dtype)
 
 
-def write_config(directory: Path, config: DecoderConfig) -> None:
-    """The config.json vLLM reads beside the weights."""
-    (directory / "config.json").write_text(
-        json.dumps(
-            dict(
-                vars(config),
-                architectures=[ARCH],
-                model_type="llama",
-                num_attention_heads=config.num_heads,
-                num_key_value_heads=config.num_kv_heads,
-                num_hidden_layers=config.num_layers,
-                intermediate_size=config.ffn_size,
-                torch_dtype="float32",
-                max_position_embeddings=512,
-            )
-        )
+def write_config(directory: Path, config: DecoderConfig, **overrides) -> None:
+    """The config.json vLLM reads beside the weights (`overrides` replace
+    or add entries, e.g. another architecture name)."""
+    entries = dict(
+        vars(config),
+        architectures=[ARCH],
+        model_type="llama",
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        num_hidden_layers=config.num_layers,
+        intermediate_size=config.ffn_size,
+        torch_dtype="float32",
+        max_position_embeddings=512,
     )
+    (directory / "config.json").write_text(json.dumps(dict(entries, **overrides)))
 
 
 # ------------------------------------------------------------ reference run

@@ -405,21 +405,11 @@ def test_megatron_core_directory_served_at_tp2(tmp_path):
         reference = example.reference_greedy(model, PROMPT_IDS, MAX_TOKENS, "cpu")
     finally:
         dist.destroy_process_group()
-    (path / "config.json").write_text(
-        json.dumps(
-            dict(
-                vars(config),
-                architectures=["ServedMegatronDecoder"],
-                model_type="llama",
-                num_attention_heads=config.num_heads,
-                num_key_value_heads=config.num_kv_heads,
-                num_hidden_layers=config.num_layers,
-                intermediate_size=config.ffn_size,
-                torch_dtype="float32",
-                max_position_embeddings=512,
-                vllm_model_factory="megatron_decoder:build_megatron_decoder",
-            )
-        )
+    example.write_config(
+        path,
+        config,
+        architectures=["ServedMegatronDecoder"],
+        vllm_model_factory="megatron_decoder:build_megatron_decoder",
     )
     shutil.copy(
         REPO / "examples/offline_inference/custom_model_with_megatron.py",
