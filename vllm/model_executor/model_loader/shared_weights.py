@@ -29,6 +29,7 @@ Workers on the trainer's machine only; any device (a worker on a GPU
 copies host to device).
 """
 
+import math
 import os
 import tempfile
 import uuid
@@ -52,7 +53,7 @@ class _Slot:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class SharedWeights:
@@ -199,16 +200,15 @@ class _WorkerPlan:
             module, "hf_to_vllm_mapper"
         )
         self.direct: dict[str, torch.Tensor] = {}
-        self.loaded: list[str] = []  # through the model's load_weights
-        self.elsewhere: set[str] = set()  # another pipeline stage's
+        self.loaded: set[str] = set()  # through the model's load_weights
         problems: list[str] = []
         for slot in request.slots:
             name = aliases.get(slot.name, slot.name)
             target = params.get(name)
             if by_loader:
-                self.loaded.append(slot.name)
+                self.loaded.add(slot.name)
             elif target is None and is_pp_missing_parameter(name, module):
-                self.elsewhere.add(slot.name)
+                continue  # another pipeline stage's: skipped at each push
             elif target is None:
                 problems.append(f"{slot.name}: not a parameter of the model")
             elif getattr(target, "weight_loader", None) or getattr(
@@ -222,7 +222,7 @@ class _WorkerPlan:
                 if problem:
                     problems.append(problem)
                 else:
-                    self.loaded.append(slot.name)  # this rank cuts its shard
+                    self.loaded.add(slot.name)  # this rank cuts its shard
             else:
                 problem = _check_tensor(name, target, self.views[slot.name])
                 if problem is None and target.shape != slot.shape:
@@ -286,10 +286,3 @@ def _views(buffer: torch.Tensor, slots: Iterable[_Slot]) -> dict[str, torch.Tens
         .view(slot.shape)
         for slot in slots
     }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -345,8 +345,9 @@ def _drop_extra_state(module, state_dict, prefix, local_metadata) -> None:
     """Megatron-core's layers put `<name>._extra_state: None` entries in
     their state dicts (a slot for Transformer Engine); vLLM's loaders read
     every module's state dict as weights (the dummy loader per module)."""
-    for name in [k for k, v in state_dict.items() if not torch.is_tensor(v)]:
-        del state_dict[name]
+    key = prefix + "_extra_state"  # this module's own entry
+    if key in state_dict and not torch.is_tensor(state_dict[key]):
+        del state_dict[key]
 
 
 def _sharded_forward_error(
