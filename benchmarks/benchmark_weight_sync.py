@@ -16,6 +16,9 @@ The push paths:
   the trainer packs its weights into one shared-memory buffer laid out
   once; each worker checks the layout once, then copies from the buffer.
   Every platform; timed with the pack included.
+- CUDA only: `SharedWeights(..., device="cuda")`, the buffer in the
+  trainer's GPU memory, which each worker opens once by CUDA IPC: a push
+  is a device copy on each side.
 - CUDA only: vLLM's CUDA-IPC weight-transfer engine
   (`weight_transfer_config={"backend": "ipc"}`), for a trainer whose
   weights are on the same GPU: the workers open the trainer's tensors by
@@ -198,7 +201,8 @@ def main():
         shared_verified = engine_holds(llm, trainer)
 
         ipc_pushes, ipc_error = [], None
-        ipc_verified = None
+        ipc_verified = device_verified = None
+        device_pushes: list[float] = []
         if use_ipc:
             on_gpu = trainer.cuda()
             with torch.no_grad():  # new values: the engine holds the old ones
@@ -217,6 +221,15 @@ def main():
             except Exception as error:  # reported in the table
                 ipc_error = f"{type(error).__name__}: {error}"
                 print(f"IPC push failed: {ipc_error}", flush=True)
+            with torch.no_grad():  # new values again
+                for parameter in on_gpu.parameters():
+                    parameter.neg_()
+            # the buffer in the trainer's GPU memory, opened once by IPC
+            with SharedWeights(on_gpu, device="cuda") as on_device:
+                device_pushes = timed_pushes(
+                    "GPU-buffer push", lambda: on_device(llm, on_gpu), args.rounds
+                )
+            device_verified = engine_holds(llm, on_gpu)
             del on_gpu
 
         start = time.perf_counter()
@@ -267,6 +280,17 @@ def main():
         )
     elif use_ipc:
         print(f"{'push, CUDA-IPC weight-transfer engine':52s} failed: {ipc_error}")
+    if device_pushes:
+        on_device = statistics.median(device_pushes)
+        print(
+            f"{'push, SharedWeights GPU buffer: pack + copy (median)':52s} "
+            f"{on_device:9.3f} {gigabytes / on_device:8.2f}   "
+            f"(min {min(device_pushes):.3f}, max {max(device_pushes):.3f})"
+        )
+        print(
+            f"  engine's weights after the GPU-buffer pushes equal the "
+            f"trainer's: {device_verified}"
+        )
     copy = "pinned host -> GPU" if device == "cuda" else "host -> host"
     print(
         f"{'physical limit: one ' + copy + ' copy of the bytes':52s} "
@@ -278,6 +302,12 @@ def main():
             f"{'physical limit: one GPU -> GPU copy of the bytes':52s} "
             f"{gpu_limit:9.3f} {gigabytes / gpu_limit:8.2f}"
         )
+        if device_pushes:
+            print(
+                f"SharedWeights GPU buffer reaches "
+                f"{gpu_limit / statistics.median(device_pushes):.1%} of the "
+                "GPU -> GPU copy limit"
+            )
     print(
         f"push vs restart: {restart / push:.1f}x faster; push reaches "
         f"{limit / push:.1%} of the copy limit; SharedWeights "

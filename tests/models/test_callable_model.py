@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import (
     IN_PROCESS_ENGINE,
@@ -20,6 +21,7 @@ from tests.conftest import (
     REPO,
     greedy_tokens,
     run_llm,
+    training_forward,
 )
 from tests.models.tiny_decoder import (
     TinyConfig,
@@ -53,9 +55,11 @@ def make_closure():
 
 
 # Each form is pickled differently on its way to vLLM's spawned processes
-# (by reference, by value, with captured state); each runs in its own engine.
-# A lambda runs in the shared TP=2 engine (tests/conftest.py), a function in
-# the shared TP=1 one.
+# (by reference, by value, with captured state). One engine with a spawned
+# worker serves the closure; in that worker, every other form, as it
+# arrived there, builds the module (`_build_each_form`). A lambda runs in
+# the shared TP=2 engine (tests/conftest.py), a function in the shared
+# TP=1 one.
 REGISTRATIONS = {
     "closure": make_closure(),
     "callable_object": CallableFactory(),
@@ -78,28 +82,76 @@ def test_function_factory(tiny_engine, tiny_reference_tokens):
     [TinyDecoderForCausalLM, "tests.models.tiny_decoder:TinyDecoderForCausalLM"],
     ids=["class", "module_string_class"],
 )
-def test_class_registration(tiny_checkpoint, tiny_reference_tokens, model_cls):
-    """Stock vLLM registrations still resolve to the class itself; the
-    lazily imported form also runs in an engine (the class object is the
-    same class once resolved)."""
-    path, _ = tiny_checkpoint
+def test_class_registration(model_cls):
+    """Stock vLLM registrations still resolve to the class itself (the
+    lazily imported form in a spawned worker too: see below)."""
     ModelRegistry.register_model("TinyAsClass", model_cls)
     assert ModelRegistry.models["TinyAsClass"].load_model_cls() is (
         TinyDecoderForCausalLM
     )
-    if isinstance(model_cls, str):
-        tokens = run_llm(path, "TinyAsClass", spawn_workers=True)
-        assert tokens == tiny_reference_tokens
 
 
-@pytest.mark.parametrize("form", list(REGISTRATIONS))
-def test_factory_registration_matches_reference(
-    tiny_checkpoint, tiny_reference_tokens, form
+def _build_each_form(model, archs, hf_config, checkpoint, prompt):
+    """Runs in the spawned worker: each registration, as it arrived in this
+    process, resolves; each factory builds the module from the engine's
+    `parallel_context`, whose training forward on the checkpoint's weights
+    gives `prompt`'s logits. (The factories read only the Hugging Face
+    config from `vllm_config`.)"""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from vllm.model_executor.layers.trainable_attention import pack_sequences
+
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(**hf_config))
+    )
+    input_ids, positions, cu_seqlens = pack_sequences([prompt], torch.device("cpu"))
+    results = {}
+    for arch in archs:
+        resolved = ModelRegistry.models[arch].load_model_cls()
+        factory = getattr(resolved, "model_factory", None)
+        if factory is None:  # a model class, registered by name
+            results[arch] = resolved.__qualname__
+            continue
+        built = factory(vllm_config, model.parallel_context)
+        built.load_state_dict(load_file(checkpoint))
+        with torch.no_grad():
+            hidden = built(input_ids, positions, cu_seqlens=cu_seqlens)
+            results[arch] = built.compute_logits(hidden).tolist()
+    return results
+
+
+def test_every_registration_form_reaches_spawned_worker(
+    tiny_checkpoint, tiny_reference_tokens
 ):
-    path, _ = tiny_checkpoint
-    arch = f"Tiny_{form}"
-    ModelRegistry.register_model(arch, REGISTRATIONS[form])
-    assert run_llm(path, arch, spawn_workers=True) == tiny_reference_tokens
+    path, model = tiny_checkpoint
+    for form, factory in REGISTRATIONS.items():
+        ModelRegistry.register_model(f"Tiny_{form}", factory)
+    ModelRegistry.register_model(
+        "TinyByModuleString", "tests.models.tiny_decoder:TinyDecoderForCausalLM"
+    )
+    archs = [f"Tiny_{form}" for form in REGISTRATIONS] + ["TinyByModuleString"]
+    hf_config = json.loads((path / "config.json").read_text())
+    prompt = PROMPTS[2]
+    tokens, (built,) = run_llm(
+        path,
+        "Tiny_closure",
+        spawn_workers=True,
+        inspect=functools.partial(
+            _build_each_form,
+            archs=archs,
+            hf_config=hf_config,
+            checkpoint=str(path / "model.safetensors"),
+            prompt=prompt,
+        ),
+    )
+    assert tokens == tiny_reference_tokens
+    reference = training_forward(model, [prompt])[0]
+    for form in REGISTRATIONS:
+        logits = torch.tensor(built[f"Tiny_{form}"], dtype=torch.float64)
+        assert (logits - reference).abs().max() < 1e-5, form
+    assert built["TinyByModuleString"] == TinyDecoderForCausalLM.__qualname__
 
 
 def test_module_string_from_script_directory(
@@ -177,25 +229,14 @@ def test_lambda_tensor_parallel_matches_reference(
     ]
 
 
-LATE_ARRIVAL = """
-import os, sys
-from vllm.engine.arg_utils import EngineArgs
-from vllm.model_executor.models.callable_model import CallableModelWrapper
-from vllm.model_executor.models.registry import ModelRegistry  # built now
-if len(sys.argv) > 2:  # what vLLM's Ray executor does in each worker
-    os.environ["VLLM_MODEL_REGISTRATIONS"] = sys.argv[2]
-config = EngineArgs(model=sys.argv[1]).create_model_config()
-model_cls, arch = ModelRegistry.resolve_model_cls(config.architectures,
-                                                  config)
-print("RESOLVED", arch, issubclass(model_cls, CallableModelWrapper))
-"""
-
-
 def test_registration_arriving_after_import_is_adopted(tmp_path, monkeypatch):
     """A Ray worker imports vLLM before vLLM's Ray executor copies the
     driver's environment into it; the registration that arrives then is
-    adopted when its architecture is first looked up."""
+    adopted when its architecture is first looked up. (This process built
+    vLLM's registry long before, as such a worker has.)"""
     from tests.models.tiny_decoder import build_tiny_decoder, write_checkpoint
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.callable_model import CallableModelWrapper
     from vllm.model_executor.models.registry_propagation import (
         ENV_VAR,
         propagate_registration,
@@ -211,25 +252,15 @@ def test_registration_arriving_after_import_is_adopted(tmp_path, monkeypatch):
     )
     payload = os.environ[ENV_VAR]
     monkeypatch.delenv(ENV_VAR)
-    (tmp_path / "late.py").write_text(LATE_ARRIVAL)
-    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_LOGGING_LEVEL="ERROR")
+    arguments = EngineArgs(model=str(tmp_path / "model"), skip_tokenizer_init=True)
 
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, str(tmp_path / "late.py"), str(tmp_path / "model"), *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    arrived = run(payload)
-    assert arrived.returncode == 0, (arrived.stdout + arrived.stderr)[-3000:]
-    assert "RESOLVED TinyArrivesLate True" in arrived.stdout
-    never_arrived = run()
-    assert never_arrived.returncode != 0
-    assert "TinyArrivesLate" in never_arrived.stderr
+    with pytest.raises(Exception, match="TinyArrivesLate"):  # not arrived
+        arguments.create_model_config()
+    monkeypatch.setenv(ENV_VAR, payload)  # what vLLM's Ray executor does
+    config = arguments.create_model_config()
+    model_cls, arch = ModelRegistry.resolve_model_cls(config.architectures, config)
+    assert arch == "TinyArrivesLate"
+    assert issubclass(model_cls, CallableModelWrapper)
 
 
 PLUGIN_MODULE = """
@@ -249,7 +280,7 @@ if __name__ == "__main__":
     llm = LLM(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32",
               hf_overrides={"architectures": ["TinyFromPlugin"]},
               gpu_memory_utilization=0.1, max_model_len=512, seed=0,
-              enforce_eager=True, distributed_executor_backend="mp")
+              enforce_eager=True)
     outputs = llm.generate(
         [{"prompt_token_ids": p} for p in json.loads(sys.argv[2])],
         SamplingParams(max_tokens=int(sys.argv[3]), temperature=0.0,
@@ -284,7 +315,7 @@ def test_installed_package_registers_through_vllm_plugin(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
         VLLM_LOGGING_LEVEL="ERROR",
-        **IN_PROCESS_ENGINE,  # the script's worker is still spawned
+        **IN_PROCESS_ENGINE,  # and its worker: the script-directory test spawns
     )
     env.pop("VLLM_MODEL_REGISTRATIONS", None)
     env.pop("VLLM_PLUGINS", None)  # every installed plugin loads

@@ -83,7 +83,9 @@ def test_untraceable_module_falls_back_with_one_warning(
 ):
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNChecked", build_nan_checked)
-    tokens, state = run_llm(path, "TinyNaNChecked", inspect=compile_state)
+    tokens, state = run_llm(
+        path, "TinyNaNChecked", inspect=compile_state, compiled=True
+    )
     assert tokens == tiny_reference_tokens
     assert state == [{"compiled": False, "do_not_compile": True}]
     out = engine_output()
@@ -96,7 +98,7 @@ def test_declared_compile_that_cannot_trace_is_an_error(tiny_checkpoint, engine_
     path, _ = tiny_checkpoint
     ModelRegistry.register_model("TinyNaNCheckedDeclared", build_nan_checked_declared)
     with pytest.raises(Exception) as failure:  # the engine fails to start
-        make_llm(path, "TinyNaNCheckedDeclared")
+        make_llm(path, "TinyNaNCheckedDeclared", compiled=True)
     out = engine_output(failure)
     assert (
         "Model 'TinyNaNCheckedDeclared' declares supports_torch_compile"

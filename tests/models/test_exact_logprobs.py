@@ -132,7 +132,7 @@ def test_cuda_exact_logprobs_megatron_core(tmp_path, environment):
                 tp_group=world, tp_cpu_group=world, device=torch.device("cuda")
             ),
             torch.bfloat16,
-        ).cuda()
+        ).to("cuda", torch.bfloat16)  # the norms too, as the engine holds them
         # Megatron-core 0.17 keeps tp_group=None when torch.distributed
         # reports no default group at construction: say so here, not in
         # the forward's all-reduce
@@ -145,6 +145,7 @@ def test_cuda_exact_logprobs_megatron_core(tmp_path, environment):
             megatron.ARCH,
             megatron.DecoderConfig.vocab_size,
             engine_args,
+            in_process_core=False,  # its shutdown would destroy our group
         )
     finally:
         dist.destroy_process_group()
@@ -158,7 +159,7 @@ def import_example(name):
 
 
 def assert_engine_logprobs_equal_trainers(
-    trainer, model_dir, arch, vocab_size, engine_args
+    trainer, model_dir, arch, vocab_size, engine_args, in_process_core=True
 ):
     """64 sequences x 64 sampled tokens: every log-probability vLLM reports
     equals the trainer's recompute (training mode, all sequences packed
@@ -171,6 +172,7 @@ def assert_engine_logprobs_equal_trainers(
         model_dir,
         arch,
         spawn_workers=True,  # the engine's GPU state apart from the trainer's
+        in_process_core=in_process_core,
         dtype="bfloat16",
         load_format="dummy",
         **engine_args,

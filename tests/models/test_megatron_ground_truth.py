@@ -37,10 +37,12 @@ def run_example(*args, timeout=600):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_model_matches_reference_cpu(tp):
+def test_megatron_model_matches_reference_cpu():
+    """At TP=2: Megatron's layers sharded over vLLM's group. (TP=1 runs in
+    the GPU suite; each CPU run costs about a minute here.)"""
     if torch.cuda.is_available():
         pytest.skip("CPU comparison; the CUDA case runs on GPUs")
+    tp = 2
     rc, output = run_example("--tensor-parallel-size", str(tp), "--enforce-eager")
     assert rc == 0, output[-4000:]
     assert f"vLLM, tensor_parallel_size={tp}:" in output

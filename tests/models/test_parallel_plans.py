@@ -249,21 +249,9 @@ def test_push_into_every_plan_style_at_tp2(checkpoint, plan_tp2_engine):
     assert loaded == [[f"model.{name}" for name in sorted(update)]] * 2
 
 
-def test_pp2_from_plan_matches_tp1(checkpoint, tp1, reference):
-    vocab = checkpoint[1].model.output_decoder.out_features
-    result = served(checkpoint[0], vocab, pipeline_parallel_size=2)
-    _assert_same(result, tp1, reference)
-    first, last = result[2]
-    # vLLM's partition rule: 4 layers -> 2 + 2; each stage holds only its
-    # own weights (the embedding on the first, the LM head on the last)
-    assert (first["layers"], last["layers"]) == ([0, 1], [2, 3])
-    whole = sum(p.numel() for p in checkpoint[1].parameters())
-    assert first["params"] < whole and last["params"] < whole
-    assert first["params"] + last["params"] == whole
-
-
 def test_pp2_factory_that_builds_its_own_stage(checkpoint, tp1, reference):
-    """The opt-in without a plan (SelfStagedModel)."""
+    """The opt-in without a plan (SelfStagedModel). (A `_pp_plan` runs in
+    the TP=2 x PP=2 Llama below.)"""
     from tests.models.forgather_style import build_self_staged
 
     vocab = checkpoint[1].model.output_decoder.out_features
@@ -271,7 +259,12 @@ def test_pp2_factory_that_builds_its_own_stage(checkpoint, tp1, reference):
         checkpoint[0], vocab, factory=build_self_staged, pipeline_parallel_size=2
     )
     _assert_same(result, tp1, reference)
-    assert [rank["layers"] for rank in result[2]] == [[0, 1], [2, 3]]
+    first, last = result[2]
+    # vLLM's partition rule: 4 layers -> 2 + 2; each stage holds only its
+    # own weights (the embedding on the first, the LM head on the last)
+    assert (first["layers"], last["layers"]) == ([0, 1], [2, 3])
+    whole = sum(p.numel() for p in checkpoint[1].parameters())
+    assert first["params"] + last["params"] == whole
 
 
 def _llama_layout(model):
@@ -564,26 +557,26 @@ def test_print_model_structure(capsys):
     assert "query_linear" not in out  # below max_depth
 
 
-def test_validation_cli(checkpoint, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.model_executor.models.plan_validation",
+def test_validation_cli(checkpoint, tmp_path, capsys):
+    """`python -m` runs it (one run: each imports vLLM, ~12 s here); a
+    wrong plan file fails through the same `main` in this process."""
+    from vllm.model_executor.models.plan_validation import main
+
+    arguments = [
         "tests.models.forgather_style:build_forgather_style",
         "--model",
         str(checkpoint[0]),
     ]
-    ok = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    command = [sys.executable, "-m", "vllm.model_executor.models.plan_validation"]
+    ok = subprocess.run(command + arguments, capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "layer_stack: LayerStack" in ok.stdout
     assert "valid: 0 error(s)" in ok.stdout
     wrong = tmp_path / "plan.json"
     wrong.write_text(__import__("json").dumps(WRONG_STYLE))
-    bad = subprocess.run(
-        command + ["--tp-plan", str(wrong)], capture_output=True, text=True, cwd=REPO
-    )
-    assert bad.returncode == 1
-    assert "INVALID" in bad.stdout and "must be 'rowwise'" in bad.stdout
+    assert main(arguments + ["--tp-plan", str(wrong)]) == 1
+    report = capsys.readouterr().out
+    assert "INVALID" in report and "must be 'rowwise'" in report
 
 
 def test_training_path_is_unchanged_by_the_plans(checkpoint):
@@ -606,8 +599,13 @@ def test_global_head_count_reshape_names_the_module(checkpoint, engine_output):
     from vllm import ModelRegistry
 
     ModelRegistry.register_model("ForgatherGlobalHeads", build_with_global_heads)
-    with pytest.raises(Exception) as failure:  # the engine fails to start
-        make_llm(checkpoint[0], "ForgatherGlobalHeads", tensor_parallel_size=2)
+    # eager: the first forward is the first request's
+    llm = make_llm(checkpoint[0], "ForgatherGlobalHeads", tensor_parallel_size=2)
+    try:
+        with pytest.raises(Exception) as failure:
+            greedy_tokens(llm, PROMPTS[:1], max_tokens=1)
+    finally:
+        shutdown_llm(llm)
     errors = engine_output(failure)
     assert (
         "model.layer_stack.layers.0.attention (model "

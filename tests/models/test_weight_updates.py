@@ -4,6 +4,7 @@
 only what changes, full tensors are cut to each TP rank, and a bad update
 changes nothing."""
 
+import copy
 import functools
 
 import pytest
@@ -273,3 +274,104 @@ def test_planned_push_reaches_running_engine(request, tiny_checkpoint, engine_fi
         for got, want in zip(got_all, training_forward(reference, PROMPTS)):
             torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
     assert (torch.cat(after) - torch.cat(restored)).abs().max() > 1e-2
+
+
+class RenamingModule(torch.nn.Module):
+    """A module with its own loader: it renames one tensor, scales one,
+    and stores one unchanged under its own name; it records what it gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.renamed = torch.nn.Linear(4, 4, bias=False)
+        self.scaled = torch.nn.Linear(4, 4, bias=False)
+        self.kept = torch.nn.Linear(4, 4, bias=False)
+        self.received: list[list[str]] = []
+
+    def load_weights(self, weights):
+        names = []
+        with torch.no_grad():
+            for name, tensor in weights:
+                names.append(name)
+                if name == "old_name.weight":
+                    self.renamed.weight.copy_(tensor)
+                elif name == "scaled.weight":
+                    self.scaled.weight.copy_(2 * tensor)
+                else:
+                    self.get_parameter(name).copy_(tensor)
+        self.received.append(names)
+        return set(names)
+
+
+def test_planned_push_through_the_models_own_loader():
+    """The first push takes the model's load_weights for every tensor;
+    from the second on, the tensor it stored unchanged under its own name
+    is copied directly, the renamed and the transformed ones still take
+    the loader."""
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+    model = RenamingModule()
+    layout = {
+        "old_name.weight": torch.zeros(4, 4),
+        "scaled.weight": torch.zeros(4, 4),
+        "kept.weight": torch.zeros(4, 4),
+    }
+    with SharedWeights(layout) as shared:
+        for push in range(3):
+            pushed = {name: torch.randn(4, 4) for name in layout}
+            shared.pack(pushed)
+            assert shared.request()(model) == 3
+            assert torch.equal(model.renamed.weight, pushed["old_name.weight"])
+            assert torch.equal(model.scaled.weight, 2 * pushed["scaled.weight"])
+            assert torch.equal(model.kept.weight, pushed["kept.weight"])
+    assert model.received == [
+        ["old_name.weight", "scaled.weight", "kept.weight"],
+        ["old_name.weight", "scaled.weight"],
+        ["old_name.weight", "scaled.weight"],
+    ]
+
+
+def test_device_buffer_needs_cuda():
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available here"):
+        SharedWeights({"w": torch.zeros(2)}, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_planned_push_through_device_buffer(tiny_checkpoint):
+    """The buffer in the trainer's GPU memory, opened by each worker by
+    CUDA IPC once: pushes of the whole model and of a part reach the
+    engine's parameters exactly (bf16), and the old weights go back."""
+    from tests.conftest import make_llm, shutdown_llm
+    from tests.models.tiny_decoder import ARCH, build_tiny_decoder
+    from vllm import ModelRegistry
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+    path, model = tiny_checkpoint
+    ModelRegistry.register_model(ARCH, build_tiny_decoder)
+    trainer = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    updated = with_update(model, trained(model)).to("cuda", torch.bfloat16)
+    llm = make_llm(path, ARCH, spawn_workers=True, dtype="bfloat16")
+    try:
+        with SharedWeights(trainer, device="cuda") as shared:
+            assert shared(llm, updated) == len(list(model.parameters()))
+            after = llm.apply_model(_checksums)[0]
+            shared.pack(trainer)
+            assert shared(llm, names=["lm_head.weight"]) == 1
+            after_part = llm.apply_model(_checksums)[0]
+    finally:
+        shutdown_llm(llm)
+    assert after == _checksums(updated)
+    assert after_part == dict(
+        _checksums(updated), **{"lm_head.weight": _checksums(trainer)["lm_head.weight"]}
+    )
+
+
+def _checksums(model):
+    """Runs in each worker too: each parameter's float64 sum, by name."""
+    module = getattr(model, "model", model)  # the engine's: the factory's
+    return {
+        name: float(p.detach().double().sum()) for name, p in module.named_parameters()
+    }

@@ -171,6 +171,7 @@ def validate_load(directory: Path) -> int:
     """Load the consolidated directory in `vllm.LLM` and generate a few
     greedy tokens; 0 on success, 1 (with the reason) on failure."""
     from vllm import LLM, SamplingParams
+    from vllm.config import CompilationMode
 
     try:
         llm = LLM(
@@ -178,6 +179,13 @@ def validate_load(directory: Path) -> int:
             max_model_len=256,
             gpu_memory_utilization=0.1,
             skip_tokenizer_init=True,
+            # a load check: Inductor and CUDA graphs would only add minutes
+            # to it. One Dynamo trace without Inductor, not eager mode:
+            # vLLM's eager CPU kernels need instructions not every CPU has.
+            compilation_config={
+                "mode": CompilationMode.DYNAMO_TRACE_ONCE,
+                "backend": "eager",
+            },
         )
         out = llm.generate(
             [VALIDATION_PROMPT],  # one prompt of token ids

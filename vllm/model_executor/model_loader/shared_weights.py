@@ -20,13 +20,21 @@ same model definition know every name, shape and dtype in advance, so:
   parallel layers, Megatron-core tensor-parallel layers) go through the
   model's `load_weights`, reading the slices in place.
 
+A module with its own `load_weights` (a name mapper, fused tensors to
+split) decides where each tensor goes, so the first push takes it for
+every tensor; a tensor it stored unchanged in the parameter of the same
+name is copied directly from then on.
+
     push = SharedWeights(policy)      # once
     push(llm)                         # after every optimiser step
     push(llm, names=["output.weight"])  # a part of the model
     push.close()
 
-Workers on the trainer's machine only; any device (a worker on a GPU
-copies host to device).
+With `device="cuda"` the buffer is GPU memory of the trainer's, which
+each worker opens once by CUDA IPC: a push is then a device-to-device copy
+on each side, no host memory in between (a trainer and engine on the same
+machine's GPUs). Otherwise workers on the trainer's machine, any device (a
+worker on a GPU copies host to device).
 """
 
 import math
@@ -61,13 +69,16 @@ class SharedWeights:
     one shared-memory buffer that running engines read from.
 
     `dtype` is the engine's dtype (the buffer holds the values cast once,
-    on the trainer's side); by default each tensor keeps its own."""
+    on the trainer's side); by default each tensor keeps its own. `device`
+    ("cuda", "cuda:N") puts the buffer in that GPU's memory instead of a
+    shared-memory file in `directory`."""
 
     def __init__(
         self,
         tensors: nn.Module | Mapping[str, torch.Tensor],
         dtype: torch.dtype | None = None,
         directory: str = "/dev/shm",
+        device: str | torch.device | None = None,
     ) -> None:
         named = _named_tensors(tensors)
         slots, offset = [], 0
@@ -78,13 +89,31 @@ class SharedWeights:
             offset += slot.nbytes
         self.slots = tuple(slots)
         self.nbytes = max(offset, 1)
-        descriptor, self.path = tempfile.mkstemp(
-            prefix="vllm-weights-", dir=directory if os.path.isdir(directory) else None
-        )
-        os.close(descriptor)
-        self.buffer = torch.from_file(
-            self.path, shared=True, size=self.nbytes, dtype=torch.uint8
-        )
+        self.path: str | None = None
+        # what a worker opens the buffer by: the file's path, or the
+        # (rebuild function, arguments) of a CUDA IPC handle
+        self.source: str | tuple
+        if device is not None and torch.device(device).type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"SharedWeights(device={str(device)!r}): CUDA is not "
+                    "available here; leave device unset for a shared-memory "
+                    "buffer"
+                )
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            self.source = reduce_tensor(self.buffer)
+        else:
+            descriptor, self.path = tempfile.mkstemp(
+                prefix="vllm-weights-",
+                dir=directory if os.path.isdir(directory) else None,
+            )
+            os.close(descriptor)
+            self.buffer = torch.from_file(
+                self.path, shared=True, size=self.nbytes, dtype=torch.uint8
+            )
+            self.source = self.path
         self.views = _views(self.buffer, self.slots)
         # a new layout or a new file gets a new plan in the workers
         self.key = uuid.uuid4().hex
@@ -99,9 +128,15 @@ class SharedWeights:
                 f"pack: {len(missing)} tensor(s) of the layout are missing: "
                 f"{', '.join(missing[:10])}"
             )
-        with torch.no_grad():
-            for slot in self.slots:
-                self.views[slot.name].copy_(named[slot.name])
+        if self.slots:  # (foreach takes one tensor at least)
+            with torch.no_grad():
+                torch._foreach_copy_(
+                    [self.views[slot.name] for slot in self.slots],
+                    [named[slot.name] for slot in self.slots],
+                )
+        if self.buffer.is_cuda:
+            # the workers read it from their own streams
+            torch.cuda.current_stream(self.buffer.device).synchronize()
 
     def __call__(
         self,
@@ -123,7 +158,7 @@ class SharedWeights:
         """What `apply_model` sends: the buffer's name and layout, no
         tensors."""
         return CopyFromSharedWeights(
-            self.path,
+            self.source,
             self.nbytes,
             self.slots,
             self.key,
@@ -132,8 +167,9 @@ class SharedWeights:
 
     def close(self) -> None:
         """Remove the file (workers that mapped it keep their mapping until
-        their plan goes)."""
-        if os.path.exists(self.path):
+        their plan goes). A GPU buffer is freed with this object, once no
+        worker holds it open."""
+        if self.path and os.path.exists(self.path):
             os.unlink(self.path)
 
     def __enter__(self) -> "SharedWeights":
@@ -151,14 +187,23 @@ class CopyFromSharedWeights:
 
     def __init__(
         self,
-        path: str,
+        source: str | tuple,
         nbytes: int,
         slots: tuple[_Slot, ...],
         key: str,
         names: tuple[str, ...] | None = None,
     ) -> None:
-        self.path, self.nbytes, self.slots = path, nbytes, slots
+        self.source, self.nbytes, self.slots = source, nbytes, slots
         self.key, self.names = key, names
+
+    def open(self) -> torch.Tensor:
+        """The buffer, in this worker: mapped, or opened by CUDA IPC."""
+        if isinstance(self.source, str):
+            return torch.from_file(
+                self.source, shared=True, size=self.nbytes, dtype=torch.uint8
+            )
+        rebuild, arguments = self.source
+        return rebuild(*arguments)
 
     def __call__(self, model: nn.Module) -> int:
         plans = _PLANS.setdefault(model, {})
@@ -186,9 +231,7 @@ class _WorkerPlan:
         )
         from vllm.model_executor.models.utils import is_pp_missing_parameter
 
-        buffer = torch.from_file(
-            request.path, shared=True, size=request.nbytes, dtype=torch.uint8
-        )
+        buffer = request.open()
         self.model = model
         self.views = _views(buffer, request.slots)
         module = getattr(model, "model", model)  # the factory's module
@@ -201,19 +244,27 @@ class _WorkerPlan:
         )
         self.direct: dict[str, torch.Tensor] = {}
         self.loaded: set[str] = set()  # through the model's load_weights
+        # loaded now, copied directly once the loader is seen to store them
+        # unchanged in the parameter of their name
+        self.to_verify: dict[str, tuple[str, torch.Tensor]] = {}
         problems: list[str] = []
         for slot in request.slots:
             name = aliases.get(slot.name, slot.name)
             target = params.get(name)
             if by_loader:
                 self.loaded.add(slot.name)
+                if (
+                    target is not None
+                    and _plain(target)
+                    and target.shape == slot.shape
+                    and target.dtype == slot.dtype
+                ):
+                    self.to_verify[slot.name] = (name, target)
             elif target is None and is_pp_missing_parameter(name, module):
                 continue  # another pipeline stage's: skipped at each push
             elif target is None:
                 problems.append(f"{slot.name}: not a parameter of the model")
-            elif getattr(target, "weight_loader", None) or getattr(
-                target, "tensor_model_parallel", False
-            ):
+            elif not _plain(target):
                 problem = _check_tensor(name, target, self.views[slot.name])
                 if problem is None and getattr(target, "weight_loader", None):
                     problem = _full_shape_problem(
@@ -255,10 +306,13 @@ class _WorkerPlan:
         direct = [name for name in names if name in self.direct]
         if loaded:  # checked first: it raises before changing anything
             self.model.load_weights((name, self.views[name]) for name in loaded)
-        with torch.no_grad():
-            for name in direct:
-                self.direct[name].copy_(self.views[name])
+            self._verify(loaded)
         if direct:
+            with torch.no_grad():
+                torch._foreach_copy_(
+                    [self.direct[name] for name in direct],
+                    [self.views[name] for name in direct],
+                )
             # the layers' processed (prepacked) copies follow
             from vllm.model_executor.layers.plain_linear import (
                 refresh_vllm_linear_method,
@@ -268,7 +322,34 @@ class _WorkerPlan:
                 getattr(self.model, "model", self.model),
                 (self.direct[name] for name in direct),
             )
+        if self.views and next(iter(self.views.values())).is_cuda:
+            # the trainer may refill the buffer once this returns
+            torch.cuda.synchronize()
         return len(loaded) + len(direct)
+
+    def _verify(self, loaded: list[str]) -> None:
+        """Tensors the model's loader stored unchanged in the parameter of
+        their name are copied directly from the next push on."""
+        module = getattr(self.model, "model", self.model)
+        for name in loaded:
+            if name not in self.to_verify:
+                continue
+            param_name, target = self.to_verify.pop(name)
+            # still the module's parameter (the loader did not replace it),
+            # holding exactly what was pushed
+            if module.get_parameter(param_name) is target and torch.equal(
+                target, self.views[name].to(target.device)
+            ):
+                self.loaded.discard(name)
+                self.direct[name] = target
+
+
+def _plain(param: torch.Tensor) -> bool:
+    """Not a shard that a weight loader cuts from the full tensor."""
+    return not (
+        getattr(param, "weight_loader", None)
+        or getattr(param, "tensor_model_parallel", False)
+    )
 
 
 def _named_tensors(
