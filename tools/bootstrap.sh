@@ -19,9 +19,7 @@ fi
 stamp=.venv/.requirements-$(cat requirements/*.txt tools/bootstrap.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # --no-compile: byte-compiling every installed module takes about a
-  # minute here; Python compiles the ones a run imports as it imports them
-  .venv/bin/python -m pip install -q --no-compile -r requirements/cpu.txt -r requirements/test.txt
+  .venv/bin/python -m pip install -q -r requirements/cpu.txt -r requirements/test.txt
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
   # `import vllm` next to torch+cpu; vLLM's text models need none of them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
