@@ -232,6 +232,7 @@ class _WorkerPlan:
         from vllm.model_executor.models.utils import is_pp_missing_parameter
 
         buffer = request.open()
+        self.on_gpu = buffer.is_cuda
         self.model = model
         self.views = _views(buffer, request.slots)
         module = getattr(model, "model", model)  # the factory's module
@@ -322,7 +323,7 @@ class _WorkerPlan:
                 getattr(self.model, "model", self.model),
                 (self.direct[name] for name in direct),
             )
-        if self.views and next(iter(self.views.values())).is_cuda:
+        if self.on_gpu:
             # the trainer may refill the buffer once this returns
             torch.cuda.synchronize()
         return len(loaded) + len(direct)
