@@ -19,6 +19,7 @@ unless --enforce-eager.
 """
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import asdict, replace
@@ -55,6 +56,20 @@ SIZES = {
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     ),
+    # Llama-3.1-8B's shape
+    "8b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
     "small": LlamaConfig(
         vocab_size=8192,
         hidden_size=256,
@@ -78,6 +93,12 @@ def main():
         action="store_true",
         help="a separate lm_head (colwise_rep) instead of one tied to the embedding",
     )
+    parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="add the plain Llama with q/k/v and gate/up as separate GEMMs "
+        "(factory attribute fuse_projections = False)",
+    )
     args = parse_args(parser)
     import torch
 
@@ -94,10 +115,15 @@ def main():
     from vllm import ModelRegistry, SamplingParams
 
     ModelRegistry.register_model(ARCH, build_plain_llama)
+    unfused_factory = functools.partial(build_plain_llama)
+    unfused_factory.fuse_projections = False
+    ModelRegistry.register_model(ARCH + "Unfused", unfused_factory)
     native = f"native Llama, TP={tp} PP={pp}"
     plan = f"plain Llama from plans, TP={tp} PP={pp}"
     # name: (architecture, tensor-parallel size, pipeline-parallel size)
     engines = {native: ("LlamaForCausalLM", tp, pp), plan: (ARCH, tp, pp)}
+    if args.unfused:
+        engines[f"plain Llama unfused, TP={tp} PP={pp}"] = (ARCH + "Unfused", tp, pp)
     plan_tp1 = "plain Llama, TP=1"
     if tp * pp > 1:
         engines[plan_tp1] = (ARCH, 1, 1)

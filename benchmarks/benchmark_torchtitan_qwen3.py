@@ -21,7 +21,9 @@ run with vLLM's defaults (torch.compile, CUDA graphs) unless
 --enforce-eager. `--ours-torch-linear` adds the TorchTitan model with its
 nn.Linear layers left on PyTorch's GEMM (factory attribute
 `use_vllm_linear_method = False`); `--ours-no-compile` runs it without
-torch.compile (`supports_torch_compile = False`). `--ours undeclared`
+torch.compile (`supports_torch_compile = False`); `--ours-unfused` runs it
+with its q/k/v and gate/up projections as separate GEMMs
+(`fuse_projections = False`, see fused_projections.py). `--ours undeclared`
 registers it as a plain lambda with no attributes instead (what a factory
 gets by default: compiled where Dynamo can trace it), `--ours both` runs
 both registrations.
@@ -87,12 +89,12 @@ def write_config(path: Path, arch: str, config: Qwen3Config, dtype: str):
     (path / "config.json").write_text(json.dumps(hf_config(arch, config, dtype)))
 
 
-def variant(supports_torch_compile=True, use_vllm_linear_method=True):
+def variant(**factory_attributes):
     """build_qwen3 with other factory attributes. A partial carries them to
     vLLM's processes (build_qwen3 itself is pickled by reference)."""
     factory = functools.partial(build_qwen3)
-    factory.supports_torch_compile = supports_torch_compile
-    factory.use_vllm_linear_method = use_vllm_linear_method
+    for name, value in factory_attributes.items():
+        setattr(factory, name, value)
     return factory
 
 
@@ -149,6 +151,7 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--ours-no-compile", action="store_true")
     parser.add_argument("--ours-torch-linear", action="store_true")
+    parser.add_argument("--ours-unfused", action="store_true")
     parser.add_argument(
         "--ours",
         choices=["declared", "undeclared", "both"],
@@ -171,7 +174,10 @@ def main():
     # name: (architecture, factory to register)
     engines = {NATIVE: ("Qwen3ForCausalLM", None)}
     if args.ours != "undeclared":
-        engines["TorchTitan Qwen3 (generic)"] = (ARCH, variant(compile_ours))
+        engines["TorchTitan Qwen3 (generic)"] = (
+            ARCH,
+            variant(supports_torch_compile=compile_ours),
+        )
     if args.ours != "declared":
         engines["TorchTitan Qwen3, lambda, no attributes"] = (
             ARCH + "Lambda",
@@ -182,7 +188,12 @@ def main():
     if args.ours_torch_linear:
         engines["TorchTitan Qwen3, torch nn.Linear"] = (
             ARCH + "TorchLinear",
-            variant(compile_ours, False),
+            variant(supports_torch_compile=compile_ours, use_vllm_linear_method=False),
+        )
+    if args.ours_unfused:
+        engines["TorchTitan Qwen3, unfused"] = (
+            ARCH + "Unfused",
+            variant(supports_torch_compile=compile_ours, fuse_projections=False),
         )
 
     prompts = token_prompts(args.num_prompts, args.input_len)

@@ -252,6 +252,18 @@ def push_weights(model, weights):
     return sorted(model.load_weights(weights.items()))
 
 
+def _fused_projection_names(model):
+    from vllm.model_executor.layers.fused_projections import fused_projection_names
+
+    return sorted(fused_projection_names(model.model))
+
+
+def fused_projections(llm):
+    """Each worker's fused projection groups (module names of the user's
+    module, see fused_projections.py)."""
+    return llm.apply_model(_fused_projection_names)
+
+
 def with_update(model, update):
     """A copy of the PyTorch module with `update` ({name: full tensor})
     loaded: the reference for an engine that received the same push."""

@@ -15,6 +15,7 @@ from tests.conftest import (
     MAX_TOKENS,
     PROMPTS,
     REPO,
+    fused_projections,
     greedy_recompute,
     greedy_tokens,
     logits_and_tokens,
@@ -247,6 +248,19 @@ def test_push_into_every_plan_style_at_tp2(checkpoint, plan_tp2_engine):
         bad_name=f"{layer}.feedforward.up_proj.weight",
     )
     assert loaded == [[f"model.{name}" for name in sorted(update)]] * 2
+    # each rank fused its shards of the colwise q/k/v (the gathered
+    # up_proj is left alone), and query_linear's push landed in its rows
+    attention = "model.layer_stack.layers.{}.attention.{}_linear"
+    assert (
+        fused_projections(plan_tp2_engine)
+        == [
+            [
+                tuple(attention.format(i, p) for p in ("query", "key", "value"))
+                for i in range(4)
+            ]
+        ]
+        * 2
+    )
 
 
 def test_pp2_factory_that_builds_its_own_stage(checkpoint, tp1, reference):

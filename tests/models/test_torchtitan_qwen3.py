@@ -31,6 +31,7 @@ from model import (
 from tests.conftest import (
     IN_PROCESS_ENGINE,
     TRACED,
+    fused_projections,
     greedy_recompute,
     logits_and_tokens,
     make_llm,
@@ -347,3 +348,17 @@ def test_weights_loaded_into_running_engine(checkpoints, ours_tp1):
     for got, want in zip(restored, before):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert tokens[0] == greedy_recompute(new_model, PROMPTS[0], 32)
+    # found by vLLM's search, loaded by the members' names
+    assert fused_projections(ours_tp1) == [
+        sorted(
+            (
+                f"layers.{i}.attention.wq",
+                f"layers.{i}.attention.wk",
+                f"layers.{i}.attention.wv",
+            )
+            if attention
+            else (f"layers.{i}.feed_forward.w1", f"layers.{i}.feed_forward.w3")
+            for i in range(SMALL.num_hidden_layers)
+            for attention in (True, False)
+        )
+    ]

@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import (
     PROMPTS,
+    fused_projections,
     greedy_recompute,
     logits_and_tokens,
     training_forward,
@@ -130,8 +131,12 @@ def test_update_reaches_running_engine(request, tiny_checkpoint, engine_fixture)
         llm.reset_prefix_cache()
     restored, _ = logits_and_tokens(llm, PROMPTS, vocab)
 
-    # each worker loaded exactly the names sent (its shard of each)
+    # each worker loaded exactly the names sent (its shard of each), into
+    # q_proj's rows of the declared q/k/v group's GEMM
     assert loaded == [[f"model.{name}" for name in sorted(UPDATED)]] * len(loaded)
+    assert fused_projections(llm) == [
+        [tuple(f"layers.{i}.attn.{p}_proj" for p in "qkv") for i in range(2)]
+    ] * len(loaded)
     for got, want in zip(after, training_forward(updated_model, PROMPTS)):
         torch.testing.assert_close(got, want[:-1], atol=1e-4, rtol=0)
     for got, want in zip(after_bad, after):

@@ -99,6 +99,10 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 
 
 class Attention(nn.Module):
+    # ShardedLinear's own forward hides from vLLM's search that q/k/v are
+    # plain linear maps of one input: declared (see fused_projections.py)
+    _fused_projections = (("q_proj", "k_proj", "v_proj"),)
+
     def __init__(self, config: TinyConfig, parallel_context):
         super().__init__()
         pc = parallel_context

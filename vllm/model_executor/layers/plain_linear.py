@@ -108,15 +108,19 @@ def refresh_vllm_linear_method(
 ) -> None:
     """Process again the weights of layers whose weight or bias is among
     the `loaded` tensors, for layers already processed once (weights
-    loaded into a running engine)."""
+    loaded into a running engine). A fused projection's group layer (see
+    `fused_projections.py`) is processed once for all its members."""
     loaded_ids = {id(tensor) for tensor in loaded}
+    stale: dict[int, nn.Module] = {}
     for module in model.modules():
-        if not (
-            isinstance(getattr(module, "quant_method", None), PlainLinearMethod)
-            and getattr(module, "vllm_weights_processed", False)
-        ):
+        tensors = (getattr(module, "weight", None), getattr(module, "bias", None))
+        if not any(t is not None and id(t) in loaded_ids for t in tensors):
             continue
-        if id(module.weight) in loaded_ids or (
-            module.bias is not None and id(module.bias) in loaded_ids
-        ):
-            module.quant_method.process_weights_after_loading(module)
+        group = getattr(module, "projection_group", None)
+        layer = module if group is None else group.linear
+        if isinstance(
+            getattr(layer, "quant_method", None), PlainLinearMethod
+        ) and getattr(layer, "vllm_weights_processed", False):
+            stale[id(layer)] = layer
+    for layer in stale.values():
+        layer.quant_method.process_weights_after_loading(layer)

@@ -20,6 +20,8 @@ and may have
 
 Its plain `torch.nn.Linear` layers run through vLLM's linear method (see
 `plain_linear.py`) unless the factory's attribute `use_vllm_linear_method`
+is false, and its projections that read one input run as one GEMM (see
+`fused_projections.py`) unless the factory's attribute `fuse_projections`
 is false.
 
 Without `load_weights`, checkpoint tensors are loaded by parameter name:
@@ -155,6 +157,15 @@ class CallableModelWrapper(nn.Module):
                     self.model_arch,
                     count,
                 )
+        # fused in the first forward pass, once the search has seen it
+        self.pending_fusion: list[list[str]] | None = None
+        if (
+            getattr(self.model_factory, "fuse_projections", True)
+            and not self.row_invariant_logits  # the trainer runs them apart
+        ):
+            from vllm.model_executor.layers.fused_projections import declared_groups
+
+            self.pending_fusion = declared_groups(model)
         if _load_format(vllm_config) == "dummy":
             # No checkpoint load comes: the first load is an update.
             setattr(model, CHECKPOINT_LOADED, True)
@@ -241,6 +252,11 @@ class CallableModelWrapper(nn.Module):
             kwargs["intermediate_tensors"] = intermediate_tensors
         if inputs_embeds is not None:
             kwargs["inputs_embeds"] = inputs_embeds
+        if self.pending_fusion is not None:
+            return self._forward_and_fuse(input_ids, positions, **kwargs)
+        return self._forward(input_ids, positions, **kwargs)
+
+    def _forward(self, input_ids, positions, **kwargs) -> torch.Tensor:
         if self.pipeline_stage is not None:
             return self.pipeline_stage(input_ids, positions, **kwargs)
         if not self.tp_plan_applied:
@@ -249,6 +265,30 @@ class CallableModelWrapper(nn.Module):
             return self.model(input_ids, positions, **kwargs)
         except RuntimeError as e:
             raise _sharded_forward_error(self.model, self.model_arch, e) from e
+
+    def _forward_and_fuse(self, input_ids, positions, **kwargs) -> torch.Tensor:
+        """The first forward pass (vLLM's profile run, eager): find the
+        projections that read one input, then fuse them with the declared
+        ones."""
+        from vllm.model_executor.layers.fused_projections import (
+            ProjectionSearch,
+            fuse_projections,
+        )
+
+        search = ProjectionSearch(self.model)
+        try:
+            hidden_states = self._forward(input_ids, positions, **kwargs)
+        finally:
+            found = search.groups()  # and its hooks removed
+        count = fuse_projections(self.model, self.pending_fusion + found)
+        self.pending_fusion = None
+        if count and self.parallel_context.tp_rank == 0:
+            logger.info_once(
+                "%s: %d group(s) of projections run as one GEMM each.",
+                self.model_arch,
+                count,
+            )
+        return hidden_states
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.row_invariant_logits:
@@ -304,12 +344,16 @@ class CompileOrFallBack:
     parallel_context: ParallelContext
     do_not_compile: bool
     compiled: bool
+    pending_fusion: list[list[str]] | None
     forward: Callable[..., torch.Tensor]
 
     def __call__(self, *args, **kwargs):
         call = super().__call__  # type: ignore[misc]  # the mixed-in class's
         if self.do_not_compile or self.compiled:
             return call(*args, **kwargs)
+        if self.pending_fusion is not None:
+            # fused in an eager pass first: Dynamo traces the fused module
+            self.forward(*args, **kwargs)
         start = time.perf_counter()
         try:
             return call(*args, **kwargs)

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Projections that read one input run as one GEMM in the engine's copy of
+a module: found by a forward pass or declared, names and results kept.
+The engine tests that run fused modules (TP=1 and TP=2) are in
+test_torchtitan_qwen3.py and test_weight_updates.py."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import training_forward
+from tests.models.test_torchtitan_qwen3 import PROMPTS, random_model
+from vllm.model_executor.layers.fused_projections import (
+    ProjectionFusionError,
+    ProjectionSearch,
+    declared_groups,
+    fuse_projections,
+    fused_projection_names,
+)
+from vllm.model_executor.layers.plain_linear import refresh_vllm_linear_method
+from vllm.model_executor.models.callable_model import load_weights_by_name
+
+QWEN3_GROUPS = [
+    group
+    for layer in range(2)
+    for group in (
+        [f"layers.{layer}.attention.{name}" for name in ("wq", "wk", "wv")],
+        [f"layers.{layer}.feed_forward.{name}" for name in ("w1", "w3")],
+    )
+]
+
+
+def fused_copy(model):
+    """`model`'s engine copy: searched in one forward pass, then fused."""
+    engine_copy = copy.deepcopy(model)
+    search = ProjectionSearch(engine_copy)
+    training_forward(engine_copy, PROMPTS)
+    groups = search.groups()
+    fuse_projections(engine_copy, declared_groups(engine_copy) + groups)
+    return engine_copy, groups
+
+
+def test_search_groups_what_reads_one_input_and_keeps_results():
+    """q/k/v and gate/up are grouped, not the output projections whose
+    input size happens to match; names, values and logits stay."""
+    model = random_model()
+    fused, groups = fused_copy(model)
+
+    assert sorted(groups) == sorted(QWEN3_GROUPS)
+    assert sorted(fused_projection_names(fused)) == sorted(map(tuple, QWEN3_GROUPS))
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fused.state_dict()[name], tensor), name
+    for got, want in zip(
+        training_forward(fused, PROMPTS), training_forward(model, PROMPTS)
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # one GEMM a group: the member weights are rows of the group's weight
+    wq = fused.layers[0].attention.wq
+    group_weight = wq.projection_group.linear.weight
+    assert wq.weight.untyped_storage().data_ptr() == (
+        group_weight.untyped_storage().data_ptr()
+    )
+
+
+def test_update_by_name_lands_in_the_group_rows():
+    model = random_model()
+    fused, _ = fused_copy(model)
+    wk = torch.randn_like(model.layers[1].attention.wk.weight)
+    update = {"layers.1.attention.wk.weight": wk}
+
+    assert load_weights_by_name(fused, update.items(), require_all=False) == set(update)
+    # as CallableModelWrapper.load_weights does: the group's GEMM may run on
+    # a processed (on the CPU, prepacked) copy of its weight
+    refresh_vllm_linear_method(fused, [fused.layers[1].attention.wk.weight])
+    load_weights_by_name(model, update.items(), require_all=False)
+
+    attention = fused.layers[1].attention
+    q_rows, k_rows = attention.wq.weight.shape[0], wk.shape[0]
+    rows = attention.wk.projection_group.linear.weight[q_rows : q_rows + k_rows]
+    assert torch.equal(rows, wk)
+    for got, want in zip(
+        training_forward(fused, PROMPTS), training_forward(model, PROMPTS)
+    ):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_dynamo_traces_a_fused_module_as_one_graph():
+    """vLLM compiles the fused module with fullgraph=True: the group's
+    state between member calls must not break the graph (the feed-forward
+    block of the Qwen3: silu(w1(x)) * w3(x), then w2)."""
+    model = random_model().layers[0].feed_forward
+    fused, groups = fused_copy_of_block(model, torch.randn(5, 128))
+    assert groups == [["w1", "w3"]]
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x = torch.randn(7, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+    assert fused.w1.projection_group.current_input is None  # nothing held
+
+
+def fused_copy_of_block(block, example_input):
+    engine_copy = copy.deepcopy(block)
+    search = ProjectionSearch(engine_copy)
+    with torch.no_grad():
+        engine_copy(example_input)
+    groups = search.groups()
+    fuse_projections(engine_copy, groups)
+    return engine_copy, groups
+
+
+class TwoInputs(nn.Module):
+    """Declares a group whose members read different inputs."""
+
+    _fused_projections = (("a", "b"),)
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(8, 6)
+
+    def forward(self, x, y):
+        return self.a(x).sum(-1) + self.b(y).sum(-1)
+
+
+def test_a_wrong_declaration_costs_time_not_results():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    fused = copy.deepcopy(model)
+    fuse_projections(fused, declared_groups(fused))
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+
+    torch.testing.assert_close(fused(x, y), model(x, y), atol=1e-6, rtol=0)
+    assert fused_projection_names(fused) == [("a", "b")]
+
+
+@pytest.mark.parametrize(
+    "names, problem",
+    [
+        (("a", "missing"), "not all are child modules"),
+        (("a", "norm"), "is a LayerNorm, not a torch.nn.Linear"),
+        (("a", "wide"), "differ in class, input features"),
+    ],
+)
+def test_a_declaration_that_cannot_be_fused_is_refused(names, problem):
+    class Declared(nn.Module):
+        _fused_projections = (names,)
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+            self.norm = nn.LayerNorm(8)
+            self.wide = nn.Linear(16, 4)
+
+    with pytest.raises(ProjectionFusionError, match=problem) as error:
+        declared_groups(nn.Sequential(Declared()))
+    assert f"Declared._fused_projections names {names}" in str(error.value)
