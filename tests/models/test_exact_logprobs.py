@@ -231,8 +231,11 @@ def assert_engine_logprobs_equal_trainers(
     assert all(p.grad is not None for p in trainer.parameters())
     recomputed = recomputed.detach().cpu()
     assert len(recomputed) == 64 * 64
-    differing = int((recomputed != engine).sum())
+    differs = (recomputed != engine).view(64, 64)  # [sequence, sampled token]
+    differing = int(differs.sum())
     assert differing == 0, (
         f"{differing} of {len(engine)} log-probabilities differ, max "
-        f"{(recomputed - engine).abs().max():.3e}"
+        f"{(recomputed - engine).abs().max():.3e}; sequences with a "
+        f"difference: {differs.any(1).nonzero().flatten().tolist()}, "
+        f"differing tokens per position: {differs.sum(0).tolist()}"
     )
