@@ -329,25 +329,6 @@ _LAST_USER_OF = pytest.StashKey[list]()
 _running: dict[str, object] = {}
 
 
-# The suite runs on two pytest-xdist workers (`--dist loadgroup`): an
-# engine start is mostly one busy core, so two tests at a time keep both
-# cores of a CI machine working. Each module runs whole in one worker, so
-# its module-scoped engines start once; the modules that share the session
-# engines above run in one worker together.
-SESSION_ENGINE_MODULES = (
-    "test_callable_model",
-    "test_default_compilation",
-    "test_trainable_attention_engine",
-    "test_weight_updates",
-)
-
-
-def pytest_itemcollected(item):
-    module = item.module.__name__.rpartition(".")[2] if item.module else ""
-    group = "session_engines" if module in SESSION_ENGINE_MODULES else module
-    item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(items):
     """Mark the last test that uses each shared engine: by argument, or by a

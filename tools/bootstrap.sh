@@ -39,8 +39,8 @@ done
 
 case $what in
   demo) exec .venv/bin/python examples/offline_inference/generic_model.py "$@" ;;
-  # two workers, each module whole in one (tests/conftest.py)
-  test) exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=15 -n 2 --dist loadgroup tests "$@" ;;
+  # two workers, each test file whole in one (its engines start once)
+  test) exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=15 -n 2 --dist loadfile tests "$@" ;;
   setup) ;;
   *) echo "usage: bash tools/bootstrap.sh demo|test|setup" >&2; exit 2 ;;
 esac

@@ -261,7 +261,8 @@ def fuse_projections(model: nn.Module, groups: list[list[str]]) -> int:
         if use_vllm_linear_method(group):
             group.linear.quant_method.process_weights_after_loading(group.linear)
         for index, member in enumerate(members):
-            member.__class__ = _with_fused_forward(type(member))
+            # (a class is hashable; mypy's functools.cache stub disagrees)
+            member.__class__ = _with_fused_forward(type(member))  # type: ignore[arg-type]
             # plain attributes: the group is not a submodule, so names,
             # state dicts and vLLM's loaders see the member's own weights
             member.__dict__["projection_group"] = group

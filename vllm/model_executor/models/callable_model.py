@@ -280,7 +280,8 @@ class CallableModelWrapper(nn.Module):
             hidden_states = self._forward(input_ids, positions, **kwargs)
         finally:
             found = search.groups()  # and its hooks removed
-        count = fuse_projections(self.model, self.pending_fusion + found)
+        declared = self.pending_fusion or []
+        count = fuse_projections(self.model, declared + found)
         self.pending_fusion = None
         if count and self.parallel_context.tp_rank == 0:
             logger.info_once(
