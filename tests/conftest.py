@@ -342,8 +342,14 @@ def pytest_collection_modifyitems(items):
 
     for name in SHARED_ENGINES:
         users = [item for item in items if uses(item, name)]
-        if users:
-            users[-1].stash.setdefault(_LAST_USER_OF, []).append(name)
+        if not users:
+            continue
+        if os.environ.get("PYTEST_XDIST_WORKER") and len({u.path for u in users}) > 1:
+            # an xdist worker learns which files it runs, and in which
+            # order, as it goes: an engine that tests of several files
+            # share stops when the worker's session ends
+            continue
+        users[-1].stash.setdefault(_LAST_USER_OF, []).append(name)
 
 
 def pytest_runtest_teardown(item):
