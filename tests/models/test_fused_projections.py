@@ -33,11 +33,12 @@ QWEN3_GROUPS = [
 ]
 
 
-def fused_copy(model):
-    """`model`'s engine copy: searched in one forward pass, then fused."""
-    engine_copy = copy.deepcopy(model)
+def fused_copy(module, forward=lambda model: training_forward(model, PROMPTS)):
+    """`module`'s engine copy: searched in one `forward`, then fused."""
+    engine_copy = copy.deepcopy(module)
     search = ProjectionSearch(engine_copy)
-    training_forward(engine_copy, PROMPTS)
+    with torch.no_grad():
+        forward(engine_copy)
     groups = search.groups()
     fuse_projections(engine_copy, declared_groups(engine_copy) + groups)
     return engine_copy, groups
@@ -93,23 +94,13 @@ def test_dynamo_traces_a_fused_module_as_one_graph():
     state between member calls must not break the graph (the feed-forward
     block of the Qwen3: silu(w1(x)) * w3(x), then w2)."""
     model = random_model().layers[0].feed_forward
-    fused, groups = fused_copy_of_block(model, torch.randn(5, 128))
+    fused, groups = fused_copy(model, lambda block: block(torch.randn(5, 128)))
     assert groups == [["w1", "w3"]]
     compiled = torch.compile(fused, backend="eager", fullgraph=True)
     x = torch.randn(7, 128)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
     assert fused.w1.projection_group.current_input is None  # nothing held
-
-
-def fused_copy_of_block(block, example_input):
-    engine_copy = copy.deepcopy(block)
-    search = ProjectionSearch(engine_copy)
-    with torch.no_grad():
-        engine_copy(example_input)
-    groups = search.groups()
-    fuse_projections(engine_copy, groups)
-    return engine_copy, groups
 
 
 class TwoInputs(nn.Module):

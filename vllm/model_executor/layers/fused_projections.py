@@ -192,27 +192,34 @@ def declared_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
+def searchable_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(parent name, layer name, layer) of each linear layer the search
+    watches: those no class declaration covers."""
+    layers = []
+    for parent_name, parent in model.named_modules():
+        if hasattr(type(parent), "_fused_projections"):
+            continue
+        for child_name, child in parent.named_children():
+            if _linear_forward(child):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                layers.append((parent_name, name, child))
+    return layers
+
+
 class ProjectionSearch:
-    """Forward pre-hooks on the linear layers that no class declaration
-    covers; while active, they record which of a parent's layers take the
-    same input tensor (by identity, through weak references: the search
-    keeps no activation alive)."""
+    """Forward pre-hooks on the searchable layers; while active, they record
+    which of a parent's layers take the same input tensor (by identity,
+    through weak references: the search keeps no activation alive)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.calls: dict[str, list] = defaultdict(list)  # parent: [(ref, [names])]
-        self.handles = []
-        for parent_name, parent in model.named_modules():
-            if hasattr(type(parent), "_fused_projections"):
-                continue
-            for child_name, child in parent.named_children():
-                if _linear_forward(child):
-                    name = f"{parent_name}.{child_name}" if parent_name else child_name
-                    hook = functools.partial(self._record, parent_name, name)
-                    self.handles.append(child.register_forward_pre_hook(hook))
-
-    def __bool__(self) -> bool:
-        return bool(self.handles)
+        self.handles = [
+            layer.register_forward_pre_hook(
+                functools.partial(self._record, parent_name, name)
+            )
+            for parent_name, name, layer in searchable_layers(model)
+        ]
 
     def _record(self, parent_name: str, name: str, module, inputs) -> None:
         if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):

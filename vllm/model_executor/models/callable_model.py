@@ -163,9 +163,15 @@ class CallableModelWrapper(nn.Module):
             getattr(self.model_factory, "fuse_projections", True)
             and not self.row_invariant_logits  # the trainer runs them apart
         ):
-            from vllm.model_executor.layers.fused_projections import declared_groups
+            from vllm.model_executor.layers.fused_projections import (
+                declared_groups,
+                searchable_layers,
+            )
 
-            self.pending_fusion = declared_groups(model)
+            declared = declared_groups(model)
+            # nothing to fuse or find: no eager pass first (CompileOrFallBack)
+            if declared or searchable_layers(model):
+                self.pending_fusion = declared
         if _load_format(vllm_config) == "dummy":
             # No checkpoint load comes: the first load is an update.
             setattr(model, CHECKPOINT_LOADED, True)
