@@ -6,6 +6,7 @@ sampling, side by side in one process.
 
     python benchmarks/benchmark_torchtitan_qwen3.py --size 0.6b   # GPU
     python benchmarks/benchmark_torchtitan_qwen3.py --size small  # CPU
+    python benchmarks/benchmark_torchtitan_qwen3.py --size 30b-a3b --ours-moe-loop
 
 Engines stay resident and are timed in interleaved rounds
 (interleaved_rounds.py); each engine's throughput is reported as the
@@ -23,7 +24,9 @@ nn.Linear layers left on PyTorch's GEMM (factory attribute
 `use_vllm_linear_method = False`); `--ours-no-compile` runs it without
 torch.compile (`supports_torch_compile = False`); `--ours-unfused` runs it
 with its q/k/v and gate/up projections as separate GEMMs
-(`fuse_projections = False`, see fused_projections.py). `--ours undeclared`
+(`fuse_projections = False`, see fused_projections.py).
+`--ours-moe-loop` runs a MoE size's experts as the module's own Python
+loop (`fuse_moe = False`) beside the fused ones. `--ours undeclared`
 registers it as a plain lambda with no attributes instead (what a factory
 gets by default: compiled where Dynamo can trace it), `--ours both` runs
 both registrations.
@@ -71,14 +74,44 @@ SIZES = {
         intermediate_size=768,
         max_position_embeddings=2048,
     ),
+    # Qwen3-30B-A3B: 128 experts, 8 per token
+    "30b-a3b": Qwen3Config(
+        hidden_size=2048,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=6144,
+        tie_word_embeddings=False,
+        num_experts=128,
+        moe_intermediate_size=768,
+    ),
+    "small-moe": Qwen3Config(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=128,
+    ),
 }
-NATIVE = "native Qwen3ForCausalLM"
+
+
+def native_arch(config: Qwen3Config) -> str:
+    return "Qwen3MoeForCausalLM" if config.num_experts else "Qwen3ForCausalLM"
 
 
 def hf_config(arch: str, config: Qwen3Config, dtype: str) -> dict:
-    """The config.json of a Qwen3 of this shape, served as `arch`."""
+    """The config.json of a Qwen3 (or Qwen3-MoE) of this shape, served as
+    `arch`."""
     return dict(
-        asdict(config), architectures=[arch], model_type="qwen3", torch_dtype=dtype
+        asdict(config),
+        architectures=[arch],
+        model_type="qwen3_moe" if config.num_experts else "qwen3",
+        torch_dtype=dtype,
     )
 
 
@@ -153,6 +186,12 @@ def main():
     parser.add_argument("--ours-torch-linear", action="store_true")
     parser.add_argument("--ours-unfused", action="store_true")
     parser.add_argument(
+        "--ours-moe-loop",
+        action="store_true",
+        help="also run the MoE model's experts as its own Python loop "
+        "(fuse_moe = False, uncompiled)",
+    )
+    parser.add_argument(
         "--ours",
         choices=["declared", "undeclared", "both"],
         default="declared",
@@ -166,13 +205,23 @@ def main():
         help="profile one generate() per engine into DIR",
     )
     parser.add_argument("--profile-prompts", type=int, default=64)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="this many of the size's layers (each layer keeps its shape), "
+        "e.g. so that two 30B-A3B engines fit one GPU side by side",
+    )
     args = parse_args(parser)
+    if args.layers:
+        SIZES[args.size].num_hidden_layers = args.layers
 
     from vllm import ModelRegistry, SamplingParams
 
     compile_ours = not args.ours_no_compile
+    native = native_arch(SIZES[args.size])
     # name: (architecture, factory to register)
-    engines = {NATIVE: ("Qwen3ForCausalLM", None)}
+    engines = {f"native {native}": (native, None)}
     if args.ours != "undeclared":
         engines["TorchTitan Qwen3 (generic)"] = (
             ARCH,
@@ -189,6 +238,11 @@ def main():
         engines["TorchTitan Qwen3, torch nn.Linear"] = (
             ARCH + "TorchLinear",
             variant(supports_torch_compile=compile_ours, use_vllm_linear_method=False),
+        )
+    if args.ours_moe_loop:
+        engines["TorchTitan Qwen3, experts as a Python loop"] = (
+            ARCH + "MoELoop",
+            variant(supports_torch_compile=False, fuse_moe=False),
         )
     if args.ours_unfused:
         engines["TorchTitan Qwen3, unfused"] = (
@@ -220,13 +274,14 @@ def main():
 
     rates = run_rounds(llms, prompts, params, args.rounds, args.warmup_rounds)
     print(
-        f"\n{args.size}: {args.num_prompts} prompts x {args.input_len} in "
+        f"\n{args.size} ({SIZES[args.size].num_hidden_layers} layers): "
+        f"{args.num_prompts} prompts x {args.input_len} in "
         f"/ {args.output_len} out, {args.dtype}, eager="
         f"{args.enforce_eager}, generic model compiled={compile_ours}, "
         f"{args.rounds} interleaved rounds after {args.warmup_rounds} "
         "warm-up rounds"
     )
-    print_summary(rates, startup, baseline=NATIVE)
+    print_summary(rates, startup, baseline=f"native {native}")
 
     if args.profile_dir:
         profile_prompts = prompts[: args.profile_prompts]

@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """The README's demo: a model registered with a lambda under
-`if __name__ == "__main__":` reaches vLLM's spawned engine core and both
-spawned workers (TP=2); it trains, then generates the text it learnt, the
-same tokens as the trainer's own greedy decoding. TP=2 covers what TP=1
-runs (the spawned engine core) and more; the README's demo command runs
-TP=1 with vLLM's default compilation."""
+`if __name__ == "__main__":` reaches vLLM's spawned engine core (which
+runs the worker at TP=1); it trains, then generates the text it learnt,
+the same tokens as the trainer's own greedy decoding. A lambda reaching
+spawned workers at TP=2 is `tiny_engine_tp2`'s (tests/conftest.py); the
+README's demo command runs with vLLM's default compilation."""
 
 import os
 import re
@@ -24,7 +24,7 @@ EXAMPLE = (
 @pytest.mark.timeout(600)
 def test_demo_registers_under_main_and_generates():
     """Eager, which starts faster: compilation is not what this checks."""
-    tp = 2
+    tp = 1
     # Own session, so that a hung run's engine processes go with it.
     process = subprocess.Popen(
         [

@@ -108,9 +108,11 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_exact_logprobs_megatron_core(tmp_path, environment):
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_cuda_exact_logprobs_megatron_core(tmp_path, environment, cuda_graphs):
     """The Megatron-core ground-truth model (Megatron's tensor-parallel
-    layers, a one-rank group in the trainer), bf16."""
+    layers, a one-rank group in the trainer), bf16; with and without CUDA
+    graphs."""
     pytest.importorskip("megatron.core")
     import torch.distributed as dist
 
@@ -118,7 +120,7 @@ def test_cuda_exact_logprobs_megatron_core(tmp_path, environment):
     from vllm.model_executor.parallel_context import ParallelContext
 
     megatron = import_example("custom_model_with_megatron")
-    engine_args = exact_engine_args()
+    engine_args = exact_engine_args(enforce_eager=not cuda_graphs)
     _batch_invariant().init_batch_invariance()
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)

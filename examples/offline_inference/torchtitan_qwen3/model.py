@@ -7,6 +7,7 @@
     layers.N.attention.{wq, wk, wv, wo, q_norm, k_norm}
     layers.N.ffn_norm
     layers.N.feed_forward.{w1, w2, w3}
+    layers.N.moe.{router.gate, experts.{w1, w2, w3}}   (Qwen3-MoE, instead)
     norm
     output                      (absent when tie_word_embeddings)
 
@@ -20,6 +21,11 @@ embeddings, norms and `output` are replicated.
 names TorchTitan checkpoints use onto this module: wrapper prefixes added by
 `torch.compile`, activation checkpointing or a `{"model": ...}` state dict,
 and TorchTitan 0.3's `attention.qkv_linear.*` and `lm_head`.
+
+With `num_experts` in the config (Qwen3-MoE) each block's feed-forward is
+a TorchTitan-style `MoE`: a router and stacked experts that training runs
+one expert at a time; it declares `_fused_moe`, so vLLM runs it on its
+fused MoE layer (docs: "Mixture-of-experts blocks").
 """
 
 from collections.abc import Iterable
@@ -54,6 +60,11 @@ class Qwen3Config:
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 40960
+    # Qwen3-MoE: experts in every block when num_experts > 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = True
 
     @classmethod
     def from_hf(cls, hf_config) -> "Qwen3Config":
@@ -170,17 +181,88 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Router(nn.Module):
+    """Token-choice top-k routing over softmax scores."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+
+    def forward(self, x):
+        scores = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = scores.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+
+class GroupedExperts(nn.Module):
+    """All experts' gated MLPs, stacked: w1/w3 `[experts, inter, dim]`, w2
+    `[experts, dim, inter]`."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        experts, dim = config.num_experts, config.hidden_size
+        inter = config.moe_intermediate_size
+        self.w1 = nn.Parameter(torch.empty(experts, inter, dim))
+        self.w3 = nn.Parameter(torch.empty(experts, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(experts, dim, inter))
+        for weight in (self.w1, self.w3, self.w2):
+            nn.init.trunc_normal_(weight, std=0.02)
+
+    def forward(self, x, expert):
+        return (F.silu(x @ self.w1[expert].T) * (x @ self.w3[expert].T)) @ self.w2[
+            expert
+        ].T
+
+
+class MoE(nn.Module):
+    """Each token through its top-k experts, weighted (no capacity limit).
+    vLLM serves it on its fused MoE layer, sharded over TP ranks."""
+
+    _fused_moe = {
+        "router": "router.gate",
+        "experts": "experts",
+        "projections": ("w1", "w3", "w2"),
+        "top_k": "top_k",
+        "renormalize": "renormalize",
+    }
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.router = Router(config)
+        self.experts = GroupedExperts(config)
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+
+    def forward(self, x):
+        weights, chosen = self.router(x)
+        out = torch.zeros_like(x)
+        for expert in chosen.unique().tolist():
+            token, slot = (chosen == expert).nonzero(as_tuple=True)
+            out.index_add_(
+                0, token, self.experts(x[token], expert) * weights[token, slot, None]
+            )
+        return out
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: Qwen3Config, pc: ParallelContext):
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = Attention(config, pc)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = FeedForward(config, pc)
+        if config.num_experts:
+            self.moe = MoE(config)
+        else:
+            self.feed_forward = FeedForward(config, pc)
 
     def forward(self, x, rope, cu_seqlens=None):
         x = x + self.attention(self.attention_norm(x), rope, cu_seqlens)
-        return x + self.feed_forward(self.ffn_norm(x))
+        ffn = self.moe if hasattr(self, "moe") else self.feed_forward
+        return x + ffn(self.ffn_norm(x))
 
 
 class Qwen3Model(nn.Module):

@@ -75,6 +75,8 @@ def _adoptable(module: nn.Module) -> bool:
     return (
         isinstance(module, nn.Linear)
         and not isinstance(module, VllmLinearForward)
+        # an expert of a block on vLLM's fused MoE layer (generic_moe.py)
+        and not getattr(module, "runs_in_fused_moe", False)
         # a parametrized weight is recomputed at every access
         and not parametrize.is_parametrized(module)
         and isinstance(module.weight, nn.Parameter)

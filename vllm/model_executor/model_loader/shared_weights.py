@@ -315,14 +315,15 @@ class _WorkerPlan:
                     [self.views[name] for name in direct],
                 )
             # the layers' processed (prepacked) copies follow
+            from vllm.model_executor.layers.generic_moe import refresh_fused_moe
             from vllm.model_executor.layers.plain_linear import (
                 refresh_vllm_linear_method,
             )
 
-            refresh_vllm_linear_method(
-                getattr(self.model, "model", self.model),
-                (self.direct[name] for name in direct),
-            )
+            module = getattr(self.model, "model", self.model)
+            copied = [self.direct[name] for name in direct]
+            refresh_vllm_linear_method(module, copied)
+            refresh_fused_moe(module, copied)
         if self.on_gpu:
             # the trainer may refill the buffer once this returns
             torch.cuda.synchronize()

@@ -146,6 +146,27 @@ class CallableModelWrapper(nn.Module):
             vllm_config.cache_config,
             prefix=f"{prefix}.model" if prefix else "model",
         )
+        # Engine-side fusion (never in the trainer's module); off in
+        # batch-invariant mode, where the trainer's recompute runs the
+        # module's own ops
+        fuse = not self.row_invariant_logits
+        moe_blocks = 0
+        if fuse and getattr(self.model_factory, "fuse_moe", True):
+            from vllm.model_executor.layers.generic_moe import use_fused_moe
+
+            moe_blocks = use_fused_moe(
+                model,
+                prefix=f"{prefix}.model" if prefix else "model",
+                tp_rank=parallel_context.tp_rank,
+                tp_size=parallel_context.tp_size,
+                expert_parallel=vllm_config.parallel_config.enable_expert_parallel,
+            )
+            if moe_blocks:
+                logger.info_once(
+                    "%s: %d mixture-of-experts block(s) run on vLLM's fused MoE layer.",
+                    self.model_arch,
+                    moe_blocks,
+                )
         if getattr(self.model_factory, "use_vllm_linear_method", True):
             # imported here: vLLM's linear layers import the model registry
             from vllm.model_executor.layers.plain_linear import use_vllm_linear_method
@@ -157,21 +178,25 @@ class CallableModelWrapper(nn.Module):
                     self.model_arch,
                     count,
                 )
-        # fused in the first forward pass, once the search has seen it
-        self.pending_fusion: list[list[str]] | None = None
-        if (
-            getattr(self.model_factory, "fuse_projections", True)
-            and not self.row_invariant_logits  # the trainer runs them apart
-        ):
+        # fused in the first forward pass, once the weights are loaded and
+        # the search has seen the module
+        self.search_projections = fuse and getattr(
+            self.model_factory, "fuse_projections", True
+        )
+        declared: list[list[str]] = []
+        searchable = False
+        if self.search_projections:
             from vllm.model_executor.layers.fused_projections import (
                 declared_groups,
                 searchable_layers,
             )
 
             declared = declared_groups(model)
-            # nothing to fuse or find: no eager pass first (CompileOrFallBack)
-            if declared or searchable_layers(model):
-                self.pending_fusion = declared
+            searchable = bool(searchable_layers(model))
+        # nothing to fuse or find: no eager pass first (CompileOrFallBack)
+        self.pending_fusion: list[list[str]] | None = (
+            declared if moe_blocks or declared or searchable else None
+        )
         if _load_format(vllm_config) == "dummy":
             # No checkpoint load comes: the first load is an update.
             setattr(model, CHECKPOINT_LOADED, True)
@@ -273,19 +298,22 @@ class CallableModelWrapper(nn.Module):
             raise _sharded_forward_error(self.model, self.model_arch, e) from e
 
     def _forward_and_fuse(self, input_ids, positions, **kwargs) -> torch.Tensor:
-        """The first forward pass (vLLM's profile run, eager): find the
-        projections that read one input, then fuse them with the declared
-        ones."""
+        """The first forward pass (vLLM's profile run, eager, after the
+        weights are loaded): process the fused MoE blocks' expert weights,
+        find the projections that read one input, then fuse them with the
+        declared ones."""
         from vllm.model_executor.layers.fused_projections import (
             ProjectionSearch,
             fuse_projections,
         )
+        from vllm.model_executor.layers.generic_moe import process_fused_moe
 
-        search = ProjectionSearch(self.model)
+        process_fused_moe(self.model)
+        search = ProjectionSearch(self.model) if self.search_projections else None
         try:
             hidden_states = self._forward(input_ids, positions, **kwargs)
         finally:
-            found = search.groups()  # and its hooks removed
+            found = search.groups() if search else []  # and its hooks removed
         declared = self.pending_fusion or []
         count = fuse_projections(self.model, declared + found)
         self.pending_fusion = None
@@ -330,9 +358,11 @@ class CallableModelWrapper(nn.Module):
         from vllm.model_executor.layers.plain_linear import refresh_vllm_linear_method
 
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        refresh_vllm_linear_method(
-            self.model, (params[name] for name in loaded if name in params)
-        )
+        from vllm.model_executor.layers.generic_moe import refresh_fused_moe
+
+        loaded_params = [params[name] for name in loaded if name in params]
+        refresh_vllm_linear_method(self.model, loaded_params)
+        refresh_fused_moe(self.model, loaded_params)
         return {f"model.{name}" for name in loaded}
 
 

@@ -1,0 +1,200 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""A small Qwen3-MoE-shaped decoder written as training code: the tiny
+decoder's attention, and a sparse MoE block whose experts run as a Python
+loop, declared for vLLM's fused MoE layer (see generic_moe.py). Its experts
+are either an `nn.ModuleList` of gated MLPs (HF style) or stacked
+`[num_experts, ...]` parameters (TorchTitan style, with a sigmoid-gated
+shared expert)."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from tests.models.tiny_decoder import Attention, RMSNorm, TinyConfig
+from vllm.model_executor.parallel_context import ParallelContext
+
+ARCH = "TinyMoeForCausalLM"
+
+
+@dataclass
+class TinyMoeConfig(TinyConfig):
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
+    norm_topk_prob: bool = True
+    stacked_experts: bool = False
+    shared_expert_intermediate_size: int = 0
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StackedExperts(nn.Module):
+    """All experts' projections as `[num_experts, out, in]` parameters."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w, 0, 0.02)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x @ self.w1[index].T, x @ self.w3[index].T
+        return (F.silu(gate) * up) @ self.w2[index].T
+
+
+class SparseMoeBlock(nn.Module):
+    _fused_moe = {
+        "router": "gate",
+        "experts": "experts",
+        "top_k": "top_k",
+        "renormalize": True,
+    }
+
+    def __init__(self, config: TinyMoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            Expert(config.hidden_size, config.moe_intermediate_size)
+            for _ in range(config.num_experts)
+        )
+
+    def run_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[index](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for index in range(self.num_experts):
+            token, slot = (chosen == index).nonzero(as_tuple=True)
+            if token.numel():
+                expert_out = self.run_expert(index, x[token])
+                out.index_add_(0, token, expert_out * weights[token, slot, None])
+        return out
+
+
+class StackedMoeBlock(SparseMoeBlock):
+    _fused_moe = {
+        "router": "gate",
+        "experts": "experts",
+        "top_k": "top_k",
+        "renormalize": True,
+        "projections": ("w1", "w3", "w2"),
+        "shared_experts": "shared_expert",
+        "shared_expert_gate": "shared_expert_gate",
+    }
+
+    def __init__(self, config: TinyMoeConfig):
+        nn.Module.__init__(self)
+        hidden = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.gate = nn.Linear(hidden, config.num_experts, bias=False)
+        self.experts = StackedExperts(
+            config.num_experts, hidden, config.moe_intermediate_size
+        )
+        self.shared_expert = Expert(hidden, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+
+    def run_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts.expert(index, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return super().forward(x) + shared
+
+
+class MoeBlock(nn.Module):
+    def __init__(self, config: TinyMoeConfig, parallel_context):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, parallel_context)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        moe_class = StackedMoeBlock if config.stacked_experts else SparseMoeBlock
+        self.moe = moe_class(config)
+
+    def forward(self, x, positions, cu_seqlens=None):
+        x = x + self.attn(self.attn_norm(x), positions, cu_seqlens)
+        return x + self.moe(self.mlp_norm(x))
+
+
+class TinyMoe(nn.Module):
+    def __init__(
+        self, config: TinyMoeConfig, parallel_context: ParallelContext | None = None
+    ):
+        super().__init__()
+        parallel_context = parallel_context or ParallelContext()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MoeBlock(config, parallel_context) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, cu_seqlens=None):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, cu_seqlens)
+        return self.norm(x)
+
+    def compute_logits(self, hidden_states):
+        return self.lm_head(hidden_states)
+
+
+def config_from_hf(hf_config) -> TinyMoeConfig:
+    values = {
+        name: getattr(hf_config, name)
+        for name in TinyMoeConfig.__dataclass_fields__
+        if hasattr(hf_config, name)
+    }
+    return TinyMoeConfig(**values)
+
+
+def build_tiny_moe(vllm_config, parallel_context) -> TinyMoe:
+    """The model factory."""
+    return TinyMoe(config_from_hf(vllm_config.model_config.hf_config), parallel_context)
+
+
+def write_checkpoint(path: Path, config: TinyMoeConfig, seed: int = 0) -> TinyMoe:
+    """Save a randomly initialised TinyMoe as a model directory and return
+    the model."""
+    torch.manual_seed(seed)
+    model = TinyMoe(config)
+    with torch.no_grad():  # larger than default init: decisive logits
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.08)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config = dict(
+        asdict(config),
+        architectures=[ARCH],
+        model_type="llama",
+        torch_dtype="float32",
+        tie_word_embeddings=False,
+    )
+    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path / "model.safetensors"),
+    )
+    return model
