@@ -70,6 +70,14 @@ IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # Tests pass functions to running engines (`LLM.apply_model`).
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
+# vLLM's AOT compile gives each engine configuration an Inductor cache of
+# its own, so the helpers vLLM's sampler compiles (its log-probability
+# ranks) were built again with g++ for every engine of the suite: about
+# 100 s of CPU on the 2-core CI machine. One shared cache builds them once.
+# (Engines here trace without Inductor or run eager: nothing else is
+# compiled ahead of time.)
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
 # An in-process engine computes with this process's threads. A shared
 # engine's spawned worker, even idle, keeps a core busy polling for work:
 # two OpenMP threads here would then wait on each other at every barrier

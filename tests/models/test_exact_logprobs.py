@@ -35,7 +35,7 @@ def test_settings_of_the_exact_configuration(environment):
     args = exact_engine_args(device="cuda", max_model_len=128)
     assert args == {
         "max_model_len": 128,
-        "compilation_config": {"mode": 0, "cudagraph_mode": "FULL"},
+        "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
     }
     assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
     eager = exact_engine_args(device="cuda", enforce_eager=True)

@@ -397,23 +397,34 @@ def test_push_at_tp2_pp2(tied_llama):
     assert loaded == [first_stage] * 2 + [last_stage] * 2
 
 
-def test_wrong_style_is_refused(checkpoint, capfd, engine_output):
-    """`colwise` where `rowwise` belongs: the validator reports it, and an
-    engine at TP=2 refuses the plan before running anything."""
+def test_wrong_style_is_refused(capfd):
+    """`colwise` where `rowwise` belongs: the validator reports it, and
+    sharding at TP=2 (what each worker runs as it builds the model) refuses
+    the plan before changing anything. (That an error raised while the
+    model is built fails the engine's start with its message is
+    test_bad_factories.py's.)"""
+    from vllm.model_executor.models.parallel_plan import (
+        ParallelPlanError,
+        shard_by_tp_plan,
+    )
+    from vllm.model_executor.parallel_context import ParallelContext
+
     model = ForgatherStyleModel()
     assert not validate_vllm_plans(model, tp_plan=WRONG_STYLE)
     report = capfd.readouterr().out
     assert "attention.output_linear is 'colwise'" in report
     assert "must be 'rowwise'" in report
 
-    from vllm import ModelRegistry
-
-    ModelRegistry.register_model("ForgatherWrongStyle", with_plan(WRONG_STYLE))
-    with pytest.raises(Exception) as failure:  # the engine fails to start
-        make_llm(checkpoint[0], "ForgatherWrongStyle", tensor_parallel_size=2)
-    errors = engine_output(failure)
-    assert "tensor-parallel plan of ForgatherWrongStyle does not fit" in errors
-    assert "must be 'rowwise'" in errors
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ParallelPlanError) as failure:
+        shard_by_tp_plan(
+            model, WRONG_STYLE, ParallelContext(tp_size=2), "ForgatherWrongStyle"
+        )
+    assert "tensor-parallel plan of ForgatherWrongStyle does not fit" in str(
+        failure.value
+    )
+    assert "must be 'rowwise'" in str(failure.value)
+    assert {name: type(m) for name, m in model.named_modules()} == before
 
 
 def test_pp_without_plan_says_what_to_add(checkpoint, engine_output):

@@ -175,7 +175,9 @@ def build_tiny_moe(vllm_config, parallel_context) -> TinyMoe:
     return TinyMoe(config_from_hf(vllm_config.model_config.hf_config), parallel_context)
 
 
-def write_checkpoint(path: Path, config: TinyMoeConfig, seed: int = 0) -> TinyMoe:
+def write_checkpoint(
+    path: Path, config: TinyMoeConfig, seed: int = 0, lm_head_scale: float = 1.0
+) -> TinyMoe:
     """Save a randomly initialised TinyMoe as a model directory and return
     the model."""
     torch.manual_seed(seed)
@@ -184,6 +186,7 @@ def write_checkpoint(path: Path, config: TinyMoeConfig, seed: int = 0) -> TinyMo
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.08)
+        model.lm_head.weight.mul_(lm_head_scale)
     path.mkdir(parents=True, exist_ok=True)
     hf_config = dict(
         asdict(config),

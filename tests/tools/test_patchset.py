@@ -109,7 +109,7 @@ def test_hunk_that_does_not_match_writes_nothing(release_tree):
     before = snapshot(release_tree)
     with pytest.raises(
         patchset.PatchError,
-        match="hunk 5 of 0004-registry-model-factories.patch does not match",
+        match="hunk 6 of 0004-registry-model-factories.patch does not match",
     ):
         patchset.apply(release_tree)
     assert snapshot(release_tree) == before

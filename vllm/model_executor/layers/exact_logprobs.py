@@ -22,7 +22,7 @@ whose result for a row does not depend on the other rows of the batch:
   fp32, which is enough to flip the last bit of 2% of log-probabilities;
 - no Inductor: its generated kernels fuse and reorder what the trainer's
   eager ops compute (0% of log-probabilities equal, measured). CUDA graphs
-  are kept: they replay the same kernels.
+  are kept for decode steps: they replay the same kernels.
 
 `exact_engine_args` gives the engine's side, `prepare_trainer` the
 trainer's; `CallableModelWrapper` runs a generic model's `compute_logits`
@@ -37,8 +37,10 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-# Inductor off, CUDA graphs on (vLLM's CompilationMode.NONE).
-EXACT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL"}
+# Inductor off (vLLM's CompilationMode.NONE); CUDA graphs for decode steps.
+# Prefills run eager: a FULL graph replayed for a small prefill step gave
+# wrong log-probabilities for its sequences (Megatron-core model, H200).
+EXACT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
 
 class ExactLogprobsError(ValueError):

@@ -92,9 +92,13 @@ class ExpertWeights:
 
     def __init__(self, block_name: str, experts: nn.Module, names: tuple[str, ...]):
         self.stacked = not isinstance(experts, nn.ModuleList)
+        # gate, up and down of each expert; one row holding all of them
+        # when stacked
+        self.params: list[list[nn.Parameter]] = []
         if self.stacked:
-            params = [getattr(experts, name, None) for name in names]
-            if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in params):
+            found = [getattr(experts, name, None) for name in names]
+            params = [p for p in found if isinstance(p, nn.Parameter) and p.dim() == 3]
+            if len(params) != len(names):
                 raise FusedMoEError(
                     f"{block_name}: the experts module "
                     f"({type(experts).__name__}) is not an nn.ModuleList, so "
@@ -102,23 +106,23 @@ class ExpertWeights:
                     "[num_experts, ...] tensors. Name the gate, up and down "
                     'projections in "projections".'
                 )
-            self.params = [params]  # one "expert" row holding all of them
-        else:
-            self.params = []
-            for index, expert in enumerate(experts):
-                layers = [getattr(expert, name, None) for name in names]
-                if not all(isinstance(layer, nn.Linear) for layer in layers):
-                    raise FusedMoEError(
-                        f"{block_name}: expert {index} lacks nn.Linear "
-                        f"children {names}. Name its gate, up and down "
-                        'projections in "projections".'
-                    )
-                if any(layer.bias is not None for layer in layers):
-                    raise FusedMoEError(
-                        f"{block_name}: expert {index} has biases; fused "
-                        "experts take bias-free projections."
-                    )
-                self.params.append([layer.weight for layer in layers])
+            self.params.append(params)
+            return
+        for index, expert in enumerate(experts):
+            found = [getattr(expert, name, None) for name in names]
+            layers = [layer for layer in found if isinstance(layer, nn.Linear)]
+            if len(layers) != len(names):
+                raise FusedMoEError(
+                    f"{block_name}: expert {index} lacks nn.Linear "
+                    f"children {names}. Name its gate, up and down "
+                    'projections in "projections".'
+                )
+            if any(layer.bias is not None for layer in layers):
+                raise FusedMoEError(
+                    f"{block_name}: expert {index} has biases; fused "
+                    "experts take bias-free projections."
+                )
+            self.params.append([layer.weight for layer in layers])
 
     def stacked_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of gate, up and down as `[num_experts, out, in]`."""
