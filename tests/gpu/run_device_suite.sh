@@ -36,6 +36,9 @@ for step in "$@"; do
       done > "$OUT/exact.log" ;;
     # issue 21: pushes through a GPU buffer opened by CUDA IPC
     pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_weight_updates.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;
+    # issue 25: generic MoE blocks on vLLM's fused MoE layer (a device kit
+    # built with --keep-moe: the default kit prunes vLLM's _moe_C)
+    moe) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_generic_moe.py -k "engine_matches or update or cuda" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -40 > "$OUT/moe.log" ;;
     bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
     # two GPUs, one device call each: issue 11's bf16 parity at TP=2 and
     # at PP=2, and its throughput against native Llama at TP=2

@@ -164,6 +164,8 @@ class Block(nn.Module):
 class TinyDecoder(nn.Module):
     """Embedding, blocks, final norm and LM head over packed tokens."""
 
+    block = Block
+
     def __init__(
         self, config: TinyConfig, parallel_context: ParallelContext | None = None
     ):
@@ -171,7 +173,8 @@ class TinyDecoder(nn.Module):
         parallel_context = parallel_context or ParallelContext()
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Block(config, parallel_context) for _ in range(config.num_hidden_layers)
+            self.block(config, parallel_context)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

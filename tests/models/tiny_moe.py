@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.models.tiny_decoder import Attention, RMSNorm, TinyConfig
-from vllm.model_executor.parallel_context import ParallelContext
+from tests.models.tiny_decoder import Attention, RMSNorm, TinyConfig, TinyDecoder
 
 ARCH = "TinyMoeForCausalLM"
 
@@ -138,27 +137,8 @@ class MoeBlock(nn.Module):
         return x + self.moe(self.mlp_norm(x))
 
 
-class TinyMoe(nn.Module):
-    def __init__(
-        self, config: TinyMoeConfig, parallel_context: ParallelContext | None = None
-    ):
-        super().__init__()
-        parallel_context = parallel_context or ParallelContext()
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            MoeBlock(config, parallel_context) for _ in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def forward(self, input_ids, positions, cu_seqlens=None):
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, cu_seqlens)
-        return self.norm(x)
-
-    def compute_logits(self, hidden_states):
-        return self.lm_head(hidden_states)
+class TinyMoe(TinyDecoder):
+    block = MoeBlock
 
 
 def config_from_hf(hf_config) -> TinyMoeConfig:
