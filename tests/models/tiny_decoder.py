@@ -224,17 +224,24 @@ class TinyDecoderForCausalLM(nn.Module):
 
 
 def write_checkpoint(
-    path: Path, config: TinyConfig | None = None, seed: int = 0, arch: str = ARCH
+    path: Path,
+    config: TinyConfig | None = None,
+    seed: int = 0,
+    arch: str = ARCH,
+    model_class: type[TinyDecoder] = TinyDecoder,
+    lm_head_scale: float = 1.0,
 ) -> TinyDecoder:
-    """Save a randomly initialised TinyDecoder as a vLLM model directory
-    (config.json + model.safetensors) and return the model."""
+    """Save a randomly initialised `model_class` (TinyDecoder or a
+    subclass) as a vLLM model directory (config.json + model.safetensors)
+    and return the model."""
     config = config or TinyConfig()
     torch.manual_seed(seed)
-    model = TinyDecoder(config)
+    model = model_class(config)
     with torch.no_grad():  # larger than default init: decisive logits
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.08)
+        model.lm_head.weight.mul_(lm_head_scale)
     path.mkdir(parents=True, exist_ok=True)
     hf_config = dict(
         asdict(config),

@@ -7,15 +7,14 @@ are either an `nn.ModuleList` of gated MLPs (HF style) or stacked
 `[num_experts, ...]` parameters (TorchTitan style, with a sigmoid-gated
 shared expert)."""
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from tests.models import tiny_decoder
 from tests.models.tiny_decoder import Attention, RMSNorm, TinyConfig, TinyDecoder
 
 ARCH = "TinyMoeForCausalLM"
@@ -141,18 +140,10 @@ class TinyMoe(TinyDecoder):
     block = MoeBlock
 
 
-def config_from_hf(hf_config) -> TinyMoeConfig:
-    values = {
-        name: getattr(hf_config, name)
-        for name in TinyMoeConfig.__dataclass_fields__
-        if hasattr(hf_config, name)
-    }
-    return TinyMoeConfig(**values)
-
-
 def build_tiny_moe(vllm_config, parallel_context) -> TinyMoe:
     """The model factory."""
-    return TinyMoe(config_from_hf(vllm_config.model_config.hf_config), parallel_context)
+    config = TinyMoeConfig.from_hf(vllm_config.model_config.hf_config)
+    return TinyMoe(config, parallel_context)
 
 
 def write_checkpoint(
@@ -160,24 +151,6 @@ def write_checkpoint(
 ) -> TinyMoe:
     """Save a randomly initialised TinyMoe as a model directory and return
     the model."""
-    torch.manual_seed(seed)
-    model = TinyMoe(config)
-    with torch.no_grad():  # larger than default init: decisive logits
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0, 0.08)
-        model.lm_head.weight.mul_(lm_head_scale)
-    path.mkdir(parents=True, exist_ok=True)
-    hf_config = dict(
-        asdict(config),
-        architectures=[ARCH],
-        model_type="llama",
-        torch_dtype="float32",
-        tie_word_embeddings=False,
+    return tiny_decoder.write_checkpoint(
+        path, config, seed, ARCH, TinyMoe, lm_head_scale
     )
-    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(path / "model.safetensors"),
-    )
-    return model
