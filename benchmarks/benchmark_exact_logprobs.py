@@ -51,7 +51,10 @@ def main():
     args = parse_args(parser)
 
     from vllm import ModelRegistry, SamplingParams
-    from vllm.model_executor.layers.exact_logprobs import exact_engine_args
+    from vllm.model_executor.layers.exact_logprobs import (
+        EXACT_COMPILATION,
+        exact_engine_args,
+    )
 
     ModelRegistry.register_model(ARCH, variant())
     config = hf_config(ARCH, SIZES[args.size], args.dtype)
@@ -64,7 +67,7 @@ def main():
             NO_INDUCTOR,
             config,
             args,
-            compilation_config={"mode": 0, "cudagraph_mode": "FULL"},
+            compilation_config=EXACT_COMPILATION,
         )
     exact = exact_engine_args()
     exact.pop("enforce_eager", None)

@@ -19,6 +19,11 @@ The push paths:
 - CUDA only: `SharedWeights(..., device="cuda")`, the buffer in the
   trainer's GPU memory, which each worker opens once by CUDA IPC: a push
   is a device copy on each side.
+- CUDA only: `EngineWeights` (vllm/model_executor/model_loader/
+  engine_weights.py), the engine's parameters opened in the trainer's
+  process once: a push is one batched copy on the trainer's side (also
+  from fp32 master weights, cast by the copy), or, after `alias`, no copy
+  at all (the trainer's parameters are the engine's memory).
 - CUDA only: vLLM's CUDA-IPC weight-transfer engine
   (`weight_transfer_config={"backend": "ipc"}`), for a trainer whose
   weights are on the same GPU: the workers open the trainer's tensors by
@@ -107,6 +112,58 @@ def push_by_ipc(llm, trainer) -> None:
     llm.finish_weight_update()
 
 
+def time_engine_weights(llm, trainer, rounds: int) -> dict:
+    """`EngineWeights`: the engine's parameters opened in this process.
+    Pushes of the bf16 trainer (one batched copy), of fp32 master weights
+    (the copy casts), and after `alias` (no copy: an in-place update
+    before each push, untimed, stands in for the optimiser step). Each:
+    (seconds per push, whether the engine then holds the trainer's
+    values)."""
+    from vllm.model_executor.model_loader.engine_weights import EngineWeights
+
+    def negate(tensors):
+        with torch.no_grad():
+            for tensor in tensors:
+                tensor.neg_()
+
+    results = {}
+    weights = EngineWeights(llm)
+    negate(trainer.parameters())
+    seconds = timed_pushes("EngineWeights copy", lambda: weights.push(trainer), rounds)
+    results["copy"] = (seconds, engine_holds(llm, trainer))
+    master = {name: p.detach().float() for name, p in trainer.named_parameters()}
+    negate(master.values())
+    seconds = timed_pushes(
+        "EngineWeights fp32 -> bf16", lambda: weights.push(master), rounds
+    )
+    with torch.no_grad():  # what the engine should now hold
+        for name, param in trainer.named_parameters():
+            param.copy_(master[name])
+    results["cast from fp32"] = (seconds, engine_holds(llm, trainer))
+    master.clear()
+    kept = weights.alias(trainer)
+    print(f"EngineWeights.alias: {weights.aliased} aliased, {len(kept)} kept")
+    seconds = []
+    for index in range(rounds + 1):
+        negate(trainer.parameters())
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        weights.push(trainer)
+        seconds.append(time.perf_counter() - start)
+        print(f"EngineWeights aliased push {index}: {seconds[-1] * 1e3:.2f} ms")
+    results["aliased (zero-copy)"] = (seconds[1:], engine_holds(llm, trainer))
+    resets = []
+    for _ in range(rounds):  # what an engine without prefix caching skips
+        start = time.perf_counter()
+        llm.reset_prefix_cache()
+        resets.append(time.perf_counter() - start)
+    print(
+        f"of an aliased push, LLM.reset_prefix_cache() alone: "
+        f"{statistics.median(resets) * 1e3:.2f} ms (median)"
+    )
+    return results
+
+
 def copy_limit_seconds(
     state: dict[str, torch.Tensor], source: str, target: str
 ) -> float:
@@ -138,6 +195,12 @@ def main():
         "--no-ipc",
         action="store_true",
         help="CUDA: skip the weight-transfer engine path",
+    )
+    parser.add_argument(
+        "--device-paths-only",
+        action="store_true",
+        help="CUDA: only the paths from GPU memory (at 8B the host paths and "
+        "the restart take minutes)",
     )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,8 +239,9 @@ def main():
         first_start = time.perf_counter() - start
         print(f"engine started in {first_start:.1f} s", flush=True)
 
-        pushes = []
-        for index in range(args.rounds + 1):  # the first one warms up
+        host_paths = not (device == "cuda" and args.device_paths_only)
+        pushes, shared_pushes, shared_verified, restart = [], [], None, None
+        for index in range(args.rounds + 1 if host_paths else 0):  # 1 warm-up
             start = time.perf_counter()
             loaded = llm.apply_model(
                 functools.partial(load_pushed_weights, weights=state)
@@ -188,27 +252,31 @@ def main():
                 f"push {index}{' (warm-up)' if index == 0 else ''}: {pushes[-1]:.3f} s",
                 flush=True,
             )
-        assert loaded == [len(state)], loaded
         pushes = pushes[1:]
 
         from vllm.model_executor.model_loader.shared_weights import SharedWeights
 
-        with SharedWeights(state) as shared:
-            # each: pack, copy in every worker, reset the prefix cache
-            shared_pushes = timed_pushes(
-                "shared-memory push", lambda: shared(llm, state), args.rounds
-            )
-        shared_verified = engine_holds(llm, trainer)
+        if host_paths:
+            assert loaded == [len(state)], loaded
+            with SharedWeights(state) as shared:
+                # each: pack, copy in every worker, reset the prefix cache
+                shared_pushes = timed_pushes(
+                    "shared-memory push", lambda: shared(llm, state), args.rounds
+                )
+            shared_verified = engine_holds(llm, trainer)
 
         ipc_pushes, ipc_error = [], None
         ipc_verified = device_verified = None
         device_pushes: list[float] = []
-        if use_ipc:
+        engine_weights: dict[str, tuple[list[float], bool]] = {}
+        if device == "cuda":
             on_gpu = trainer.cuda()
             with torch.no_grad():  # new values: the engine holds the old ones
                 for parameter in on_gpu.parameters():
                     parameter.neg_()
             try:
+                if not use_ipc:
+                    raise RuntimeError("skipped (--no-ipc)")
                 llm.init_weight_transfer_engine({"init_info": {}})
 
                 def ipc_push():
@@ -230,17 +298,17 @@ def main():
                     "GPU-buffer push", lambda: on_device(llm, on_gpu), args.rounds
                 )
             device_verified = engine_holds(llm, on_gpu)
+            engine_weights = time_engine_weights(llm, on_gpu, args.rounds)
             del on_gpu
 
-        start = time.perf_counter()
         llm.llm_engine.engine_core.shutdown()
         del llm
-        llm = start_engine()
-        restart = time.perf_counter() - start
-        llm.llm_engine.engine_core.shutdown()
+        if host_paths:
+            start = time.perf_counter()
+            llm = start_engine()
+            restart = time.perf_counter() - start
+            llm.llm_engine.engine_core.shutdown()
 
-    limit = min(copy_limit_seconds(state, "cpu", device) for _ in range(3))
-    push = statistics.median(pushes)
     gigabytes = total_bytes / 1e9
     print(
         f"\n{args.size} ({sum(t.numel() for t in state.values()) / 1e6:.0f}M"
@@ -248,25 +316,28 @@ def main():
         f"{args.rounds} pushes after one warm-up"
     )
     print(f"{'path':52s} {'seconds':>9s} {'GB/s':>8s}")
-    print(
-        f"{'push, LLM.apply_model + load_weights (median)':52s} "
-        f"{push:9.3f} {gigabytes / push:8.2f}   "
-        f"(min {min(pushes):.3f}, max {max(pushes):.3f})"
-    )
-    shared_push = statistics.median(shared_pushes)
-    print(
-        f"{'push, SharedWeights: pack + copy (median)':52s} "
-        f"{shared_push:9.3f} {gigabytes / shared_push:8.2f}   "
-        f"(min {min(shared_pushes):.3f}, max {max(shared_pushes):.3f})"
-    )
-    print(
-        f"  engine's weights after the shared-memory pushes equal the "
-        f"trainer's: {shared_verified}"
-    )
-    print(
-        f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
-        f"{restart:9.3f}          (first start {first_start:.1f} s)"
-    )
+    if host_paths:
+        limit = min(copy_limit_seconds(state, "cpu", device) for _ in range(3))
+        push = statistics.median(pushes)
+        print(
+            f"{'push, LLM.apply_model + load_weights (median)':52s} "
+            f"{push:9.3f} {gigabytes / push:8.2f}   "
+            f"(min {min(pushes):.3f}, max {max(pushes):.3f})"
+        )
+        shared_push = statistics.median(shared_pushes)
+        print(
+            f"{'push, SharedWeights: pack + copy (median)':52s} "
+            f"{shared_push:9.3f} {gigabytes / shared_push:8.2f}   "
+            f"(min {min(shared_pushes):.3f}, max {max(shared_pushes):.3f})"
+        )
+        print(
+            f"  engine's weights after the shared-memory pushes equal the "
+            f"trainer's: {shared_verified}"
+        )
+        print(
+            f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
+            f"{restart:9.3f}          (first start {first_start:.1f} s)"
+        )
     if use_ipc and ipc_pushes:
         ipc = statistics.median(ipc_pushes)
         print(
@@ -291,12 +362,20 @@ def main():
             f"  engine's weights after the GPU-buffer pushes equal the "
             f"trainer's: {device_verified}"
         )
-    copy = "pinned host -> GPU" if device == "cuda" else "host -> host"
-    print(
-        f"{'physical limit: one ' + copy + ' copy of the bytes':52s} "
-        f"{limit:9.3f} {gigabytes / limit:8.2f}"
-    )
-    if use_ipc:
+    for label, (seconds, verified) in engine_weights.items():
+        median = statistics.median(seconds)
+        print(
+            f"{'push, EngineWeights ' + label + ' (median)':52s} {median:9.4f} "
+            f"{gigabytes / median:8.2f}   (min {min(seconds):.4f}, "
+            f"max {max(seconds):.4f}); engine holds the trainer's: {verified}"
+        )
+    if host_paths:
+        copy = "pinned host -> GPU" if device == "cuda" else "host -> host"
+        print(
+            f"{'physical limit: one ' + copy + ' copy of the bytes':52s} "
+            f"{limit:9.3f} {gigabytes / limit:8.2f}"
+        )
+    if device == "cuda":
         gpu_limit = min(copy_limit_seconds(state, "cuda", "cuda") for _ in range(3))
         print(
             f"{'physical limit: one GPU -> GPU copy of the bytes':52s} "
@@ -308,11 +387,18 @@ def main():
                 f"{gpu_limit / statistics.median(device_pushes):.1%} of the "
                 "GPU -> GPU copy limit"
             )
-    print(
-        f"push vs restart: {restart / push:.1f}x faster; push reaches "
-        f"{limit / push:.1%} of the copy limit; SharedWeights "
-        f"{limit / shared_push:.1%}"
-    )
+        for label, (seconds, _) in engine_weights.items():
+            print(
+                f"EngineWeights {label} reaches "
+                f"{gpu_limit / statistics.median(seconds):.1%} of the "
+                "GPU -> GPU copy limit"
+            )
+    if host_paths:
+        print(
+            f"push vs restart: {restart / push:.1f}x faster; push reaches "
+            f"{limit / push:.1%} of the copy limit; SharedWeights "
+            f"{limit / shared_push:.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -374,6 +374,73 @@ def test_cuda_planned_push_through_device_buffer(tiny_checkpoint):
     )
 
 
+def test_engine_weights_need_cuda_and_name_the_alternative(tiny_engine):
+    """EngineWeights opens the engine's parameters by CUDA IPC; a CPU
+    engine's refusal says what to use instead."""
+    from vllm.model_executor.model_loader.engine_weights import EngineWeights
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message of a CPU engine")
+    with pytest.raises(Exception) as excinfo:
+        EngineWeights(tiny_engine)
+    message = str(excinfo.value)
+    assert "needs the engine's weights on CUDA" in message
+    assert "SharedWeights" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_weights_copy_and_alias(tiny_checkpoint):
+    """The engine's parameters opened in the trainer's process: a push is
+    one batched copy (a bad one changes nothing); after `alias` the
+    trainer's in-place updates are the engine's weights; fp32 master
+    weights are cast by the copy."""
+    from tests.conftest import make_llm, shutdown_llm
+    from tests.models.tiny_decoder import ARCH, build_tiny_decoder
+    from vllm import ModelRegistry
+    from vllm.model_executor.model_loader.engine_weights import EngineWeights
+
+    path, model = tiny_checkpoint
+    ModelRegistry.register_model(ARCH, build_tiny_decoder)
+    count = len(list(model.parameters()))
+    trainer = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    updated = with_update(model, trained(model)).to("cuda", torch.bfloat16)
+    llm = make_llm(path, ARCH, spawn_workers=True, dtype="bfloat16")
+    try:
+        weights = EngineWeights(llm)
+        assert weights.push(updated) == count
+        assert llm.apply_model(_checksums)[0] == _checksums(updated)
+        assert weights.push(trainer, names=["lm_head.weight"]) == 1
+        head = {"lm_head.weight": _checksums(trainer)["lm_head.weight"]}
+        assert llm.apply_model(_checksums)[0] == dict(_checksums(updated), **head)
+        bad = dict(trainer.state_dict())
+        bad["norm.weight"] = torch.zeros(3, device="cuda", dtype=torch.bfloat16)
+        before = llm.apply_model(_checksums)[0]
+        with pytest.raises(ValueError, match=r"norm.weight: trainer \(3,\)"):
+            weights.push(bad)
+        assert llm.apply_model(_checksums)[0] == before
+
+        # zero-copy: the optimiser's in-place step is the push
+        assert weights.alias(trainer) == {}
+        assert llm.apply_model(_checksums)[0] == _checksums(trainer)
+        optimizer = torch.optim.AdamW(trainer.parameters(), lr=0.01)
+        for param in trainer.parameters():
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+        assert weights.push(trainer) == 0  # nothing left to copy
+        assert llm.apply_model(_checksums)[0] == _checksums(trainer)
+        assert _checksums(trainer) != _checksums(updated)
+
+        # fp32 master weights: nothing aliased, every push casts
+        master = copy.deepcopy(updated).float()
+        kept = EngineWeights(llm).alias(master)
+        assert sorted(kept) == sorted(dict(master.named_parameters()))
+        assert "trainer torch.float32" in kept["lm_head.weight"]
+        assert weights.push(master) == count
+        assert llm.apply_model(_checksums)[0] == _checksums(updated)
+    finally:
+        shutdown_llm(llm)
+
+
 def _checksums(model):
     """Runs in each worker too: each parameter's float64 sum, by name."""
     module = getattr(model, "model", model)  # the engine's: the factory's
