@@ -37,6 +37,8 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 # Keep vLLM's start-up logs out of the loop's output unless --verbose.
@@ -59,12 +61,16 @@ from vllm.model_executor.layers.trainable_attention import (  # noqa: E402
     TrainableFlashAttention,
     pack_sequences,
 )
+from vllm.model_executor.model_loader.engine_weights import (  # noqa: E402
+    EngineWeights,
+)
 from vllm.model_executor.model_loader.shared_weights import (  # noqa: E402
     SharedWeights,
 )
 
 VOCAB = 16  # tokens 0-9 are digits; the others are never rewarded
 COMPLETION_TOKENS = 4
+CLIP = 0.2  # PPO's clipping of the importance ratio
 
 
 class Block(nn.Module):
@@ -166,13 +172,35 @@ def sequence_logprobs(policy, prompts, completions, exact) -> list[torch.Tensor]
     return list(logprobs.split([length - 1 for length in lengths]))
 
 
-def push_weights(llm: LLM, policy: nn.Module, shared: SharedWeights) -> float:
-    """Copy the trainer's weights into the running engine through the
-    shared-memory buffer (cast to the engine's dtype on the way in; the
-    prefix cache is reset); returns the seconds it took."""
-    start = time.perf_counter()
-    shared(llm, policy)
-    return time.perf_counter() - start
+def weight_push(llm: LLM, device: str, dtype: torch.dtype):
+    """The push the docs recommend for this layout, as a function of the
+    policy that returns the seconds it took. Either copies the trainer's
+    weights into the running engine, cast to the engine's dtype, and
+    resets the prefix cache.
+
+    - CUDA (engine at TP=1 on this machine): the engine's parameters opened
+      here once by CUDA IPC; a push is one batched device copy.
+    - CPU: one shared-memory buffer laid out once, which the worker copies
+      from after each optimiser step."""
+    if device.startswith("cuda"):
+        target = EngineWeights(llm)
+
+        def push(policy):
+            # the optimiser step's kernels finish first: not the push's time
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            target.push(policy)
+            return time.perf_counter() - start
+
+        return push, lambda: None
+    shared = SharedWeights(Policy(), dtype=dtype)  # the layout: names, shapes
+
+    def push(policy):
+        start = time.perf_counter()
+        shared(llm, policy)
+        return time.perf_counter() - start
+
+    return push, shared.close
 
 
 def write_model_dir(policy: Policy, dtype: str) -> Path:
@@ -194,6 +222,149 @@ def write_model_dir(policy: Policy, dtype: str) -> Path:
     state = {k: v.cpu().contiguous() for k, v in policy.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
     return path
+
+
+@dataclass
+class Batch:
+    """One step's samples: vLLM's completions of `prompts` and its
+    log-probabilities of them, under the weights the engine held."""
+
+    prompts: list[int]  # one per completion
+    completions: list[list[int]]
+    vllm_logprobs: list[torch.Tensor]
+    rewards: torch.Tensor  # [prompts, samples, tokens]
+    tokens_per_second: float
+
+
+def sample(llm: LLM, step: int, args) -> Batch:
+    """vLLM samples step's batch. Prompts and sampling seeds come from the
+    step number alone: the run is reproducible, whatever thread samples
+    and whatever order the engine schedules requests in."""
+    generator = torch.Generator().manual_seed(step)
+    prompts = torch.randint(0, 10, (args.prompts_per_step,), generator=generator)
+    first_seed = step * args.prompts_per_step * args.samples_per_prompt
+    start = time.perf_counter()
+    outputs = llm.generate(
+        [{"prompt_token_ids": [p]} for p in prompts.tolist()],
+        [
+            SamplingParams(
+                n=args.samples_per_prompt,
+                temperature=1.0,
+                max_tokens=COMPLETION_TOKENS,
+                ignore_eos=True,
+                logprobs=0,
+                detokenize=False,
+                # a seed per request; its samples take seed, seed + 1, ...
+                seed=first_seed + i * args.samples_per_prompt,
+            )
+            for i in range(args.prompts_per_step)
+        ],
+        use_tqdm=False,
+    )
+    seconds = time.perf_counter() - start
+    batch = Batch([], [], [], torch.empty(0), 0.0)
+    rewards = []
+    for prompt, output in zip(prompts.tolist(), outputs):
+        for completion in output.outputs:
+            tokens = list(completion.token_ids)
+            batch.prompts.append(prompt)
+            batch.completions.append(tokens)
+            batch.vllm_logprobs.append(
+                torch.tensor(
+                    [entry[t].logprob for entry, t in zip(completion.logprobs, tokens)]
+                )
+            )
+            rewards.append(token_rewards(prompt, tokens))
+    batch.rewards = torch.tensor(rewards).view(
+        args.prompts_per_step, args.samples_per_prompt, -1
+    )
+    batch.tokens_per_second = sum(map(len, batch.completions)) / seconds
+    return batch
+
+
+def train_step(policy, optimizer, batch: Batch, autocast, exact) -> torch.Tensor:
+    """One clipped policy-gradient step (PPO's objective with GRPO's
+    advantages) on `batch`; the importance ratio is the trainer's
+    probability of each sampled token over vLLM's. On-policy it is 1 (in
+    the exact configuration exactly), one step off-policy it corrects for
+    the weights the batch was sampled with. Returns |log ratio| of every
+    token."""
+    token_advantages = advantages(batch.rewards).flatten(0, 1)
+    policy.train()
+    with autocast:
+        logprobs = sequence_logprobs(policy, batch.prompts, batch.completions, exact)
+    loss, log_ratios = 0.0, []
+    for advantage, ours, theirs in zip(token_advantages, logprobs, batch.vllm_logprobs):
+        log_ratio = ours - theirs.to(ours)
+        ratio = torch.exp(log_ratio)
+        advantage = advantage.to(ours)
+        clipped = torch.clamp(ratio, 1 - CLIP, 1 + CLIP) * advantage
+        loss = loss - torch.minimum(ratio * advantage, clipped).sum()
+        log_ratios.append(log_ratio.detach().abs().cpu())
+    optimizer.zero_grad()
+    (loss / len(logprobs)).backward()
+    optimizer.step()
+    return torch.cat(log_ratios)
+
+
+def run_loop(llm, new_trainer, push, args, pipelined: bool) -> list[dict]:
+    """GRPO from freshly initialised weights until the reward target or
+    `--steps`. Synchronous: sample, train, push, in turn. Pipelined: vLLM
+    samples the next batch (with the weights it holds) while the trainer
+    trains on this one, so each batch is trained one step after the
+    weights that sampled it; pushes land between two generate calls."""
+    policy, optimizer, autocast = new_trainer()
+    push(policy)  # the engine starts from the trainer's initial weights
+    name = "pipelined" if pipelined else "synchronous"
+    history = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as sampler:
+        batch = sample(llm, 0, args)
+        progress = tqdm(range(args.steps), desc=f"GRPO, {name}", unit="step")
+        for step in progress:
+            upcoming = (
+                sampler.submit(sample, llm, step + 1, args) if pipelined else None
+            )
+            log_ratios = train_step(policy, optimizer, batch, autocast, args.exact)
+            if upcoming is not None:
+                upcoming = upcoming.result()  # the engine is idle from here
+            push_seconds = push(policy)
+            reward = batch.rewards.mean().item()
+            history.append(
+                dict(
+                    reward=reward,
+                    push=push_seconds,
+                    diff=log_ratios.max().item(),
+                    differing=int((log_ratios != 0).sum()),
+                    tokens=len(log_ratios),
+                )
+            )
+            progress.set_postfix(reward=f"{reward:.2f}", refresh=False)
+            # on-policy the log ratio is the logprob difference vLLM vs trainer
+            measure = (
+                "log ratio (1 step off-policy)"
+                if pipelined and step
+                else ("logprob diff")
+            )
+            tqdm.write(
+                f"step {step:3d}  reward {reward:.3f}  sync "
+                f"{push_seconds * 1e3:6.1f} ms  max |{measure}| "
+                f"{history[-1]['diff']:.2e}  differing "
+                f"{history[-1]['differing']}/{len(log_ratios)}  "
+                f"{batch.tokens_per_second:.0f} tok/s"
+            )
+            if reward >= args.target_reward:
+                break
+            batch = upcoming if upcoming is not None else sample(llm, step + 1, args)
+    seconds = time.perf_counter() - start
+    print(
+        f"{name}: {len(history)} steps in {seconds:.1f} s, "
+        f"{len(history) / seconds:.2f} steps/s; reward "
+        f"{history[0]['reward']:.3f} -> {history[-1]['reward']:.3f}"
+    )
+    for record in history:
+        record["steps_per_second"] = len(history) / seconds
+    return history
 
 
 def main():
@@ -221,6 +392,14 @@ def main():
         help="stop once the mean reward reaches this",
     )
     parser.add_argument(
+        "--loop",
+        choices=["synchronous", "pipelined", "both"],
+        default="synchronous",
+        help="pipelined: vLLM samples the next batch while the trainer trains "
+        "(one step off-policy); both: one after the other on the same "
+        "engine, with their steps/s side by side",
+    )
+    parser.add_argument(
         "--enforce-eager",
         action="store_true",
         help="no torch.compile or CUDA graphs: faster start, slower steps",
@@ -241,14 +420,7 @@ def main():
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     trainer_dtype = getattr(torch, args.trainer_dtype or args.dtype)
-    # the trainer computes in the engine's dtype, whatever its weights' dtype
-    autocast = torch.autocast(
-        torch.device(args.device).type, dtype=dtype, enabled=trainer_dtype != dtype
-    )
 
-    torch.manual_seed(0)
-    policy = Policy().to(args.device, trainer_dtype)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     ModelRegistry.register_model("RLPolicy", build_policy)
     engine_args = dict(
         skip_tokenizer_init=True,
@@ -267,117 +439,62 @@ def main():
             )
         except exact_logprobs.ExactLogprobsError as error:
             parser.error(f"--exact: {error}")
-    llm = LLM(model=str(write_model_dir(policy, args.dtype)), **engine_args)
-    if args.exact:
-        exact_logprobs.prepare_trainer(policy, llm)
-    # The weight push: one shared-memory buffer laid out from the policy
-    # once, which every worker copies from after each optimiser step.
-    shared = SharedWeights(policy, dtype=dtype)
+    torch.manual_seed(0)
+    llm = LLM(model=str(write_model_dir(Policy(), args.dtype)), **engine_args)
 
-    def sampling(seed):
-        # A seed per request (its samples take seed, seed + 1, ...): the run
-        # is reproducible, whatever order the engine schedules requests in.
-        return SamplingParams(
-            n=args.samples_per_prompt,
-            temperature=1.0,
-            max_tokens=COMPLETION_TOKENS,
-            ignore_eos=True,
-            logprobs=0,
-            detokenize=False,
-            seed=seed,
+    def new_trainer():
+        torch.manual_seed(0)
+        policy = Policy().to(args.device, trainer_dtype)
+        if args.exact:
+            exact_logprobs.prepare_trainer(policy, llm)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+        # the trainer computes in the engine's dtype, whatever its weights'
+        autocast = torch.autocast(
+            torch.device(args.device).type, dtype=dtype, enabled=trainer_dtype != dtype
         )
+        return policy, optimizer, autocast
 
-    history = []
-    progress = tqdm(range(args.steps), desc="GRPO", unit="step")
-    for step in progress:
-        prompts = torch.randint(0, 10, (args.prompts_per_step,)).tolist()
-        first_seed = step * args.prompts_per_step * args.samples_per_prompt
-        generate_start = time.perf_counter()
-        outputs = llm.generate(
-            [{"prompt_token_ids": [p]} for p in prompts],
-            [
-                sampling(first_seed + i * args.samples_per_prompt)
-                for i in range(len(prompts))
-            ],
-            use_tqdm=False,
+    push, close_push = weight_push(llm, args.device, dtype)
+    loops = ["synchronous", "pipelined"] if args.loop == "both" else [args.loop]
+    histories = {
+        loop: run_loop(
+            llm,
+            new_trainer,
+            push,
+            args,
+            pipelined=loop == "pipelined",
         )
-        tokens_per_second = sum(
-            len(s.token_ids) for o in outputs for s in o.outputs
-        ) / (time.perf_counter() - generate_start)
-        flat_prompts, completions, vllm_logprobs, rewards = [], [], [], []
-        for prompt, output in zip(prompts, outputs):
-            for sample in output.outputs:
-                tokens = list(sample.token_ids)
-                flat_prompts.append(prompt)
-                completions.append(tokens)
-                vllm_logprobs.append(
-                    torch.tensor(
-                        [entry[t].logprob for entry, t in zip(sample.logprobs, tokens)]
-                    )
-                )
-                rewards.append(token_rewards(prompt, tokens))
-        rewards_t = torch.tensor(rewards).view(
-            args.prompts_per_step, args.samples_per_prompt, -1
-        )
-        token_advantages = advantages(rewards_t).flatten(0, 1)
+        for loop in loops
+    }
+    close_push()
 
-        policy.train()
-        with autocast:
-            logprobs = sequence_logprobs(policy, flat_prompts, completions, args.exact)
-        diffs = torch.cat(
-            [
-                (ours.detach().cpu() - theirs).abs()
-                for ours, theirs in zip(logprobs, vllm_logprobs)
-            ]
-        )
-        logprob_diff, differing = diffs.max().item(), int((diffs != 0).sum())
-        loss = -sum(
-            (a.to(lp) * lp).sum() for a, lp in zip(token_advantages, logprobs)
-        ) / len(logprobs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sync_seconds = push_weights(llm, policy, shared)
-
-        mean_reward = rewards_t.mean().item()
-        history.append((mean_reward, sync_seconds, logprob_diff))
-        progress.set_postfix(
-            reward=f"{mean_reward:.2f}",
-            sync=f"{sync_seconds * 1e3:.0f}ms",
-            logprob_diff=f"{logprob_diff:.1e}",
-            refresh=False,
-        )
-        tqdm.write(
-            f"step {step:3d}  reward {mean_reward:.3f}  sync "
-            f"{sync_seconds * 1e3:6.1f} ms  max |logprob diff| "
-            f"{logprob_diff:.2e}  differing {differing}/{len(diffs)}  "
-            f"{tokens_per_second:.0f} tok/s"
-        )
-        if mean_reward >= args.target_reward:
-            break
-
-    shared.close()
-    rewards_seen = [r for r, _, _ in history]
     trainer = f", trainer {args.trainer_dtype}" if trainer_dtype != dtype else ""
     print(
-        f"\nGRPO on one model definition ({args.device}, {args.dtype}"
-        f"{trainer}): "
-        f"{len(history)} steps of {args.prompts_per_step} prompts x "
-        f"{args.samples_per_prompt} samples"
+        f"\nGRPO on one model definition ({args.device}, {args.dtype}{trainer}), "
+        f"{args.prompts_per_step} prompts x {args.samples_per_prompt} samples "
+        "a step"
     )
-    print(
-        f"  reward {rewards_seen[0]:.3f} -> {rewards_seen[-1]:.3f} "
-        f"(chance about {1 / VOCAB:.3f})"
-    )
-    print(
-        f"  weight push into the running engine: median "
-        f"{sorted(s for _, s, _ in history)[len(history) // 2] * 1e3:.1f}"
-        " ms"
-    )
-    print(
-        f"  vLLM vs trainer log-probabilities of the sampled tokens: max "
-        f"|diff| {max(d for _, _, d in history):.2e}"
-    )
+    for loop, history in histories.items():
+        pushes = sorted(record["push"] for record in history)
+        on_policy = history if loop == "synchronous" else history[:1]
+        print(
+            f"  {loop}: {len(history)} steps, reward {history[0]['reward']:.3f} "
+            f"-> {history[-1]['reward']:.3f} (chance about {1 / VOCAB:.3f}), "
+            f"{history[-1]['steps_per_second']:.2f} steps/s, weight push "
+            f"median {pushes[len(pushes) // 2] * 1e3:.1f} ms"
+        )
+        print(
+            f"    vLLM vs trainer log-probabilities of on-policy samples: max "
+            f"|diff| {max(r['diff'] for r in on_policy):.2e}, differing "
+            f"{sum(r['differing'] for r in on_policy)}/"
+            f"{sum(r['tokens'] for r in on_policy)}"
+        )
+    if len(histories) == 2:
+        ratio = (
+            histories["pipelined"][-1]["steps_per_second"]
+            / histories["synchronous"][-1]["steps_per_second"]
+        )
+        print(f"  pipelined vs synchronous: {ratio:.2f}x the steps/s")
 
 
 if __name__ == "__main__":
