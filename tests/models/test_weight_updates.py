@@ -19,7 +19,7 @@ from tests.conftest import (
     with_update,
 )
 from tests.conftest import push_weights as push
-from tests.models.tiny_decoder import TinyConfig, TinyDecoder
+from tests.models.tiny_decoder import ShardedLinear, TinyConfig, TinyDecoder
 from vllm.model_executor.models.callable_model import load_weights_by_name
 
 # What one optimiser step of a trainer that fine-tunes the second block and
@@ -268,8 +268,22 @@ def test_planned_push_reaches_running_engine(request, tiny_checkpoint, engine_fi
         finally:
             shared(llm, model)
         restored, _ = logits_and_tokens(llm, PROMPTS, vocab)
+        direct = llm.apply_model(_copied_directly)
 
     assert loaded == len(list(model.parameters())) and partially == 1
+    # after the first push, tensors that a weight_loader stored whole (TP=1)
+    # are copied directly; a TP=2 rank keeps cutting its shards
+    names = {name for name, _ in model.named_parameters()}
+    sharded = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, ShardedLinear)
+    }
+    assert sharded
+    if engine_fixture == "tiny_engine":
+        assert direct == [names]
+    else:
+        assert all(copied & sharded == set() for copied in direct)
     expected = (
         (after, updated_model),
         (after_part, with_update(updated_model, old_head)),
@@ -439,6 +453,15 @@ def test_cuda_engine_weights_copy_and_alias(tiny_checkpoint):
         assert llm.apply_model(_checksums)[0] == _checksums(updated)
     finally:
         shutdown_llm(llm)
+
+
+def _copied_directly(model) -> set[str]:
+    """Runs in each worker: the names its SharedWeights plan copies
+    without the model's loader."""
+    from vllm.model_executor.model_loader.shared_weights import _PLANS
+
+    (plan,) = _PLANS[model].values()
+    return set(plan.direct)
 
 
 def _checksums(model):

@@ -21,9 +21,10 @@ same model definition know every name, shape and dtype in advance, so:
   model's `load_weights`, reading the slices in place.
 
 A module with its own `load_weights` (a name mapper, fused tensors to
-split) decides where each tensor goes, so the first push takes it for
-every tensor; a tensor it stored unchanged in the parameter of the same
-name is copied directly from then on.
+split) decides where each tensor goes, and a parameter's `weight_loader`
+what it keeps, so the first push takes them; a whole tensor that they
+stored unchanged in the parameter of the same name (a loader that only
+renames, a `weight_loader` at TP=1) is copied directly from then on.
 
     push = SharedWeights(policy)      # once
     push(llm)                         # after every optimiser step
@@ -239,7 +240,8 @@ class _WorkerPlan:
         aliases = getattr(model, "stage_aliases", {})
         params = dict(module.named_parameters(remove_duplicate=False))
         # A module with its own loader or name mapper decides where each
-        # tensor goes: every tensor takes the model's load_weights.
+        # tensor goes, and a parameter's weight_loader what it keeps: such
+        # tensors take the model's load_weights (see `_verify`).
         by_loader = hasattr(module, "load_weights") or hasattr(
             module, "hf_to_vllm_mapper"
         )
@@ -254,13 +256,6 @@ class _WorkerPlan:
             target = params.get(name)
             if by_loader:
                 self.loaded.add(slot.name)
-                if (
-                    target is not None
-                    and _plain(target)
-                    and target.shape == slot.shape
-                    and target.dtype == slot.dtype
-                ):
-                    self.to_verify[slot.name] = (name, target)
             elif target is None and is_pp_missing_parameter(name, module):
                 continue  # another pipeline stage's: skipped at each push
             elif target is None:
@@ -285,6 +280,15 @@ class _WorkerPlan:
                     problems.append(problem)
                 else:
                     self.direct[slot.name] = target
+            if (
+                slot.name in self.loaded
+                and target is not None
+                and target.shape == slot.shape
+                and target.dtype == slot.dtype
+            ):
+                # a whole tensor: the loader may only store it (a TP=1
+                # weight_loader, a loader that only renames)
+                self.to_verify[slot.name] = (name, target)
         if problems:
             raise ValueError(
                 f"The pushed layout does not fit the model "
