@@ -363,6 +363,8 @@ def run_vllm(
         enforce_eager=enforce_eager,
         max_model_len=512,
         gpu_memory_utilization=0.3,
+        # on the CPU a fraction of host memory per rank would be gigabytes
+        kv_cache_memory_bytes=None if torch.cuda.is_available() else 256 << 20,
         max_logprobs=DecoderConfig.vocab_size,
         logprobs_mode="raw_logits",
         seed=0,

@@ -221,6 +221,8 @@ def main():
         dtype="float32",
         max_model_len=256,
         gpu_memory_utilization=0.3,
+        # on the CPU a fraction of host memory per rank would be gigabytes
+        kv_cache_memory_bytes=None if torch.cuda.is_available() else 256 << 20,
         tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager,
         compilation_config=args.compilation_config,

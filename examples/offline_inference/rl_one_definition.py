@@ -262,24 +262,25 @@ def sample(llm: LLM, step: int, args) -> Batch:
         use_tqdm=False,
     )
     seconds = time.perf_counter() - start
-    batch = Batch([], [], [], torch.empty(0), 0.0)
-    rewards = []
+    flat_prompts, completions, logprobs, rewards = [], [], [], []
     for prompt, output in zip(prompts.tolist(), outputs):
         for completion in output.outputs:
             tokens = list(completion.token_ids)
-            batch.prompts.append(prompt)
-            batch.completions.append(tokens)
-            batch.vllm_logprobs.append(
+            flat_prompts.append(prompt)
+            completions.append(tokens)
+            logprobs.append(
                 torch.tensor(
                     [entry[t].logprob for entry, t in zip(completion.logprobs, tokens)]
                 )
             )
             rewards.append(token_rewards(prompt, tokens))
-    batch.rewards = torch.tensor(rewards).view(
-        args.prompts_per_step, args.samples_per_prompt, -1
+    return Batch(
+        flat_prompts,
+        completions,
+        logprobs,
+        torch.tensor(rewards).view(args.prompts_per_step, args.samples_per_prompt, -1),
+        tokens_per_second=sum(map(len, completions)) / seconds,
     )
-    batch.tokens_per_second = sum(map(len, batch.completions)) / seconds
-    return batch
 
 
 def train_step(policy, optimizer, batch: Batch, autocast, exact) -> torch.Tensor:
@@ -428,6 +429,8 @@ def main():
         seed=0,
         max_model_len=64,
         gpu_memory_utilization=0.2,
+        # on the CPU a fraction of host memory would be gigabytes
+        kv_cache_memory_bytes=None if args.device.startswith("cuda") else 256 << 20,
         enforce_eager=args.enforce_eager,
         compilation_config=args.compilation_config,
         use_tqdm_on_load=VERBOSE,
