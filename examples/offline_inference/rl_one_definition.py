@@ -32,6 +32,7 @@ throughput. `--exact` (CUDA) runs both sides in the exact configuration
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -174,33 +175,29 @@ def sequence_logprobs(policy, prompts, completions, exact) -> list[torch.Tensor]
 
 def weight_push(llm: LLM, device: str, dtype: torch.dtype):
     """The push the docs recommend for this layout, as a function of the
-    policy that returns the seconds it took. Either copies the trainer's
-    weights into the running engine, cast to the engine's dtype, and
-    resets the prefix cache.
+    policy that returns the seconds it took, and what closes it. Either
+    copies the trainer's weights into the running engine, cast to the
+    engine's dtype, and resets the prefix cache.
 
     - CUDA (engine at TP=1 on this machine): the engine's parameters opened
       here once by CUDA IPC; a push is one batched device copy.
     - CPU: one shared-memory buffer laid out once, which the worker copies
       from after each optimiser step."""
-    if device.startswith("cuda"):
-        target = EngineWeights(llm)
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        copy, close = EngineWeights(llm).push, lambda: None
+    else:
+        shared = SharedWeights(Policy(), dtype=dtype)  # the layout
+        copy, close = functools.partial(shared, llm), shared.close
 
-        def push(policy):
-            # the optimiser step's kernels finish first: not the push's time
+    def push(policy) -> float:
+        if on_cuda:  # the optimiser step's kernels: not the push's time
             torch.cuda.synchronize()
-            start = time.perf_counter()
-            target.push(policy)
-            return time.perf_counter() - start
-
-        return push, lambda: None
-    shared = SharedWeights(Policy(), dtype=dtype)  # the layout: names, shapes
-
-    def push(policy):
         start = time.perf_counter()
-        shared(llm, policy)
+        copy(policy)
         return time.perf_counter() - start
 
-    return push, shared.close
+    return push, close
 
 
 def write_model_dir(policy: Policy, dtype: str) -> Path:
@@ -308,12 +305,13 @@ def train_step(policy, optimizer, batch: Batch, autocast, exact) -> torch.Tensor
     return torch.cat(log_ratios)
 
 
-def run_loop(llm, new_trainer, push, args, pipelined: bool) -> list[dict]:
+def run_loop(llm, new_trainer, push, args, pipelined: bool) -> tuple[list[dict], float]:
     """GRPO from freshly initialised weights until the reward target or
     `--steps`. Synchronous: sample, train, push, in turn. Pipelined: vLLM
     samples the next batch (with the weights it holds) while the trainer
     trains on this one, so each batch is trained one step after the
-    weights that sampled it; pushes land between two generate calls."""
+    weights that sampled it; pushes land between two generate calls.
+    Returns each step's record and the loop's steps/s."""
     policy, optimizer, autocast = new_trainer()
     push(policy)  # the engine starts from the trainer's initial weights
     name = "pipelined" if pipelined else "synchronous"
@@ -342,11 +340,8 @@ def run_loop(llm, new_trainer, push, args, pipelined: bool) -> list[dict]:
             )
             progress.set_postfix(reward=f"{reward:.2f}", refresh=False)
             # on-policy the log ratio is the logprob difference vLLM vs trainer
-            measure = (
-                "log ratio (1 step off-policy)"
-                if pipelined and step
-                else ("logprob diff")
-            )
+            off_policy = pipelined and step > 0
+            measure = "log ratio (1 step off-policy)" if off_policy else "logprob diff"
             tqdm.write(
                 f"step {step:3d}  reward {reward:.3f}  sync "
                 f"{push_seconds * 1e3:6.1f} ms  max |{measure}| "
@@ -363,9 +358,7 @@ def run_loop(llm, new_trainer, push, args, pipelined: bool) -> list[dict]:
         f"{len(history) / seconds:.2f} steps/s; reward "
         f"{history[0]['reward']:.3f} -> {history[-1]['reward']:.3f}"
     )
-    for record in history:
-        record["steps_per_second"] = len(history) / seconds
-    return history
+    return history, len(history) / seconds
 
 
 def main():
@@ -459,14 +452,9 @@ def main():
 
     push, close_push = weight_push(llm, args.device, dtype)
     loops = ["synchronous", "pipelined"] if args.loop == "both" else [args.loop]
-    histories = {
-        loop: run_loop(
-            llm,
-            new_trainer,
-            push,
-            args,
-            pipelined=loop == "pipelined",
-        )
+    # loop -> (each step's record, steps/s)
+    results = {
+        loop: run_loop(llm, new_trainer, push, args, pipelined=loop == "pipelined")
         for loop in loops
     }
     close_push()
@@ -477,13 +465,13 @@ def main():
         f"{args.prompts_per_step} prompts x {args.samples_per_prompt} samples "
         "a step"
     )
-    for loop, history in histories.items():
+    for loop, (history, steps_per_second) in results.items():
         pushes = sorted(record["push"] for record in history)
         on_policy = history if loop == "synchronous" else history[:1]
         print(
             f"  {loop}: {len(history)} steps, reward {history[0]['reward']:.3f} "
             f"-> {history[-1]['reward']:.3f} (chance about {1 / VOCAB:.3f}), "
-            f"{history[-1]['steps_per_second']:.2f} steps/s, weight push "
+            f"{steps_per_second:.2f} steps/s, weight push "
             f"median {pushes[len(pushes) // 2] * 1e3:.1f} ms"
         )
         print(
@@ -492,11 +480,8 @@ def main():
             f"{sum(r['differing'] for r in on_policy)}/"
             f"{sum(r['tokens'] for r in on_policy)}"
         )
-    if len(histories) == 2:
-        ratio = (
-            histories["pipelined"][-1]["steps_per_second"]
-            / histories["synchronous"][-1]["steps_per_second"]
-        )
+    if len(results) == 2:
+        ratio = results["pipelined"][1] / results["synchronous"][1]
         print(f"  pipelined vs synchronous: {ratio:.2f}x the steps/s")
 
 
