@@ -8,9 +8,10 @@ graphs without Inductor), side by side in one process.
     python benchmarks/benchmark_exact_logprobs.py --size 0.6b   # GPU
     python benchmarks/benchmark_exact_logprobs.py --size 8b     # GPU
 
-`--breakdown` adds an engine that is not exact, CUDA graphs without
-Inductor and without batch-invariant mode, to split the exact
-configuration's cost between its two parts.
+`--inductor` adds the exact configuration with Inductor on both sides
+(`exact_engine_args(inductor=True)`). `--breakdown` adds an engine that
+is not exact, CUDA graphs without Inductor and without batch-invariant
+mode, to split the exact configuration's cost between its two parts.
 
 All engines stay resident and are timed in interleaved rounds
 (interleaved_rounds.py) on the RL workload: sampling at temperature 1
@@ -38,6 +39,7 @@ from model import ARCH  # noqa: E402
 DEFAULT = "default (Inductor + CUDA graphs)"
 EXACT = "exact (batch-invariant, CUDA graphs)"
 NO_INDUCTOR = "CUDA graphs, no Inductor (not batch-invariant)"
+EXACT_INDUCTOR = "exact, Inductor (batch-invariant, same options as trainer)"
 
 
 def main():
@@ -47,6 +49,11 @@ def main():
         "--breakdown",
         action="store_true",
         help="also time the two parts of the exact configuration apart",
+    )
+    parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also time the exact configuration compiled by Inductor",
     )
     args = parse_args(parser)
 
@@ -72,6 +79,11 @@ def main():
     exact = exact_engine_args()
     exact.pop("enforce_eager", None)
     llms[EXACT], startup[EXACT] = start_engine(EXACT, config, args, **exact)
+    if args.inductor:
+        compiled = exact_engine_args(inductor=True)
+        llms[EXACT_INDUCTOR], startup[EXACT_INDUCTOR] = start_engine(
+            EXACT_INDUCTOR, config, args, **compiled
+        )
 
     prompts = token_prompts(args.num_prompts, args.input_len)
     params = SamplingParams(

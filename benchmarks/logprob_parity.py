@@ -31,6 +31,10 @@ and its logits computed inside `row_invariant_matmuls()`:
 
     python benchmarks/logprob_parity.py --size 0.6b --dtype bfloat16 --exact  # GPU
 
+`--exact --inductor`: both sides compiled by Inductor with the same
+options (`exact_engine_args(inductor=True)`); the trainer's recompute then
+runs with gradients on, as a training step runs it.
+
 `--trace` also runs one sequence through both with a forward hook on every
 submodule and prints the first module whose output
 differs, for the prompt (prefill) and for the next token (decode).
@@ -137,11 +141,12 @@ def trainer_logprobs(
     device,
     token_logprobs=torch_token_logprobs,
     logits_context=contextlib.nullcontext,
+    grad=False,
 ):
     """Log-probabilities of every sequence's generated tokens, recomputed
     with all sequences packed into one varlen batch."""
     input_ids, positions, cu_seqlens = pack_sequences(sequences, device)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         hidden = model(input_ids, positions, cu_seqlens=cu_seqlens)
         with logits_context():
             logits = model.compute_logits(hidden)
@@ -149,7 +154,7 @@ def trainer_logprobs(
     for sequence in sequences:
         rows = logits[start + prompt_len - 1 : start + len(sequence) - 1]
         targets = torch.tensor(sequence[prompt_len:], device=device)
-        result.append(token_logprobs(rows, targets).cpu())
+        result.append(token_logprobs(rows, targets).detach().cpu())
         start += len(sequence)
     return result
 
@@ -287,6 +292,11 @@ def main():
         help="the exact configuration (exact_engine_args, prepare_trainer, "
         "row_invariant_matmuls)",
     )
+    parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help="with --exact: Inductor on both sides, the same options",
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
     if args.trace_hidden and not args.enforce_eager:
@@ -307,7 +317,9 @@ def main():
     )
     engine_args = {"enforce_eager": args.enforce_eager, **extra}
     if args.exact:  # sets VLLM_BATCH_INVARIANT=1 before the trainer's ops
-        engine_args = exact_logprobs.exact_engine_args(**engine_args)
+        engine_args = exact_logprobs.exact_engine_args(
+            inductor=args.inductor, **engine_args
+        )
     batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
 
     if batch_invariant:  # the trainer's ops under the same settings
@@ -402,6 +414,7 @@ def main():
         if args.exact
         else (vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs),
         exact_logprobs.row_invariant_matmuls if args.exact else contextlib.nullcontext,
+        grad=args.inductor,
     )
     trainer_outputs = (
         {name: rows[0] for name, rows in take_hooks(trainer).items()}
@@ -417,7 +430,12 @@ def main():
                 "batch-invariant" if batch_invariant else None,
                 "eager"
                 if args.enforce_eager
-                else ("CUDA graphs, no Inductor" if args.exact else "compiled"),
+                else (
+                    "CUDA graphs, no Inductor"
+                    if args.exact and not args.inductor
+                    else "compiled"
+                ),
+                "trainer compiled alike, gradients on" if args.inductor else None,
                 f"FA{args.flash_attn_version}" if args.flash_attn_version else None,
                 f"trainer attention: vLLM's FA{kernel[1]} over {kernel[0]}-token pages"
                 if kernel

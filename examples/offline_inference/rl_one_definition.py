@@ -29,6 +29,10 @@ throughput. `--exact` (CUDA) runs both sides in the exact configuration
 
     python examples/offline_inference/rl_one_definition.py --device cuda \
         --dtype bfloat16 --exact
+
+`--exact inductor` compiles both the engine's model and the trainer's with
+Inductor, with the same options: as fast as vLLM's default configuration
+at real sizes (see the docs' "Exact log-probabilities").
 """
 
 import argparse
@@ -406,9 +410,12 @@ def main():
     )
     parser.add_argument(
         "--exact",
-        action="store_true",
+        nargs="?",
+        const="graphs",
+        choices=("graphs", "inductor"),
         help="CUDA: bitwise-equal log-probabilities in vLLM and the trainer "
-        "(exact_engine_args, prepare_trainer)",
+        "(exact_engine_args, prepare_trainer); `--exact inductor` compiles "
+        "both sides with Inductor (faster at large sizes)",
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
@@ -431,7 +438,7 @@ def main():
     if args.exact:
         try:
             engine_args = exact_logprobs.exact_engine_args(
-                device=args.device, **engine_args
+                device=args.device, inductor=args.exact == "inductor", **engine_args
             )
         except exact_logprobs.ExactLogprobsError as error:
             parser.error(f"--exact: {error}")

@@ -32,7 +32,7 @@ for step in "$@"; do
     # one process per model, as one trainer process holds one model: run
     # after the TorchTitan test in one process, the Megatron test differed
     exact) for model in torchtitan megatron; do
-        timeout 280 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_exact_logprobs.py -k "cuda and $model" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -75
+        timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_exact_logprobs.py -k "cuda and $model" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -75
       done > "$OUT/exact.log" ;;
     # issue 21: pushes through a GPU buffer opened by CUDA IPC
     pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_weight_updates.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;

@@ -17,6 +17,7 @@ from vllm.model_executor.layers.exact_logprobs import (
     ExactLogprobsError,
     _batch_invariant,
     exact_engine_args,
+    exact_inductor_options,
     prepare_trainer,
     row_invariant_matmuls,
     token_logprobs,
@@ -40,14 +41,30 @@ def test_settings_of_the_exact_configuration(environment):
     assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
     eager = exact_engine_args(device="cuda", enforce_eager=True)
     assert eager["compilation_config"] == {"mode": 0, "cudagraph_mode": "NONE"}
+    compiled = exact_engine_args(
+        device="cuda",
+        inductor=True,
+        compilation_config={"inductor_compile_config": {"size_asserts": True}},
+    )["compilation_config"]
+    options = compiled.pop("inductor_compile_config")
+    assert compiled == {"mode": 3}
+    # the user's option kept, every exact option this torch knows added
+    assert options.pop("size_asserts") is True
+    assert options == exact_inductor_options()
+    assert {"emulate_precision_casts", "combo_kernels"} <= options.keys()
 
 
 @pytest.mark.parametrize(
     "engine_args, message",
     [
         ({"compilation_config": {"mode": 3}}, "Inductor's generated kernels"),
-        ({"compilation_config": {"backend": "inductor"}}, "or pass mode 0"),
+        ({"compilation_config": {"backend": "inductor"}}, "pass inductor=True"),
         ({"attention_config": {"backend": "TRITON_ATTN"}}, "backend TRITON_ATTN"),
+        ({"inductor": True, "enforce_eager": True}, "drop enforce_eager"),
+        (
+            {"inductor": True, "attention_config": {"backend": "FLEX_ATTENTION"}},
+            "backend FLEX_ATTENTION",
+        ),
     ],
 )
 def test_what_breaks_exactness_is_refused(environment, engine_args, message):
@@ -81,8 +98,10 @@ def _push(model, weights):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
-    """The TorchTitan Qwen3, bf16, weights pushed from the trainer."""
+@pytest.mark.parametrize("inductor", [False, True], ids=["graphs", "inductor"])
+def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment, inductor):
+    """The TorchTitan Qwen3, bf16, weights pushed from the trainer; CUDA
+    graphs without Inductor, or Inductor on both sides."""
     from tests.models.test_torchtitan_qwen3 import (
         ARCH,
         SMALL,
@@ -91,7 +110,7 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
         write_config,
     )
 
-    engine_args = exact_engine_args()
+    engine_args = exact_engine_args(inductor=inductor)
     _batch_invariant().init_batch_invariance()  # before the trainer's ops
     torch.manual_seed(0)
     with torch.device("cuda"):  # as vLLM builds its copy (rotary table)
@@ -108,11 +127,26 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, environment):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
-def test_cuda_exact_logprobs_megatron_core(tmp_path, environment, cuda_graphs):
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "graphs",
+        "eager",
+        pytest.param(
+            "inductor",
+            # H200, torch 2.11: the same 4 of 4,096 differ (one token each
+            # of 4 sequences, max 1.3e-4) with or without gradients; the
+            # TorchTitan model is exact at every size measured
+            marks=pytest.mark.xfail(
+                strict=True, reason="4 of 4,096 differ with Inductor (torch 2.11)"
+            ),
+        ),
+    ],
+)
+def test_cuda_exact_logprobs_megatron_core(tmp_path, environment, engine):
     """The Megatron-core ground-truth model (Megatron's tensor-parallel
-    layers, a one-rank group in the trainer), bf16; with and without CUDA
-    graphs."""
+    layers, a one-rank group in the trainer), bf16; CUDA graphs without
+    Inductor, eager, or Inductor on both sides."""
     pytest.importorskip("megatron.core")
     import torch.distributed as dist
 
@@ -120,7 +154,9 @@ def test_cuda_exact_logprobs_megatron_core(tmp_path, environment, cuda_graphs):
     from vllm.model_executor.parallel_context import ParallelContext
 
     megatron = import_example("custom_model_with_megatron")
-    engine_args = exact_engine_args(enforce_eager=not cuda_graphs)
+    engine_args = exact_engine_args(
+        enforce_eager=engine == "eager", inductor=engine == "inductor"
+    )
     _batch_invariant().init_batch_invariance()
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)

@@ -20,9 +20,13 @@ whose result for a row does not depend on the other rows of the batch:
   of the engine's dtype (`token_logprobs`): a Triton reduction compiled
   for bf16 inputs sums in another order than the same kernel compiled for
   fp32, which is enough to flip the last bit of 2% of log-probabilities;
-- no Inductor: its generated kernels fuse and reorder what the trainer's
-  eager ops compute (0% of log-probabilities equal, measured). CUDA graphs
-  are kept for decode steps: they replay the same kernels.
+- the model's own ops either eager on both sides (no Inductor in the
+  engine; CUDA graphs for decode steps replay the same kernels), or
+  compiled by Inductor on both sides with the same options
+  (`exact_engine_args(inductor=True)`): every op's result rounded to its
+  dtype as eager rounds it, reduction configs that do not depend on the
+  row count. Inductor in the engine alone changes every log-probability
+  (0% equal, measured): it fuses and reorders what eager ops compute.
 
 `exact_engine_args` gives the engine's side, `prepare_trainer` the
 trainer's; `CallableModelWrapper` runs a generic model's `compute_logits`
@@ -42,18 +46,41 @@ from torch.overrides import TorchFunctionMode
 # wrong log-probabilities for its sequences (Megatron-core model, H200).
 EXACT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
+# Inductor's options for both sides when both compile: keep eager's
+# rounding of each op's result (no fp32 chains across fused ops), pick
+# reduction configs independently of the row count, no horizontal fusion.
+# Options this torch does not know are left out (`exact_inductor_options`).
+EXACT_INDUCTOR = {
+    "emulate_precision_casts": True,
+    "batch_invariant": True,
+    "deterministic": True,
+    "combo_kernels": False,
+    "benchmark_combo_kernel": False,
+}
+
 
 class ExactLogprobsError(ValueError):
     """A setting the exact configuration cannot honour."""
 
 
-def exact_engine_args(device: str | None = None, **engine_args: Any) -> dict:
+def exact_inductor_options() -> dict[str, bool]:
+    """`EXACT_INDUCTOR` less the options this torch's Inductor lacks."""
+    from torch._inductor import config
+
+    return {key: value for key, value in EXACT_INDUCTOR.items() if hasattr(config, key)}
+
+
+def exact_engine_args(
+    device: str | None = None, inductor: bool = False, **engine_args: Any
+) -> dict:
     """`engine_args` for `vllm.LLM` (or `AsyncEngineArgs`) with the exact
     configuration's settings added, after checking that none of them is
     contradicted. Turns on batch-invariant mode in this process's
     environment (`VLLM_BATCH_INVARIANT=1`), which the engine's processes
     inherit, so call it before starting the engine. `device` defaults to
-    this machine's ("cuda" when available)."""
+    this machine's ("cuda" when available). `inductor=True` compiles the
+    engine's model with Inductor (`EXACT_INDUCTOR`), and `prepare_trainer`
+    then compiles the trainer's module with the same options."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cuda":
         raise ExactLogprobsError(
@@ -63,15 +90,6 @@ def exact_engine_args(device: str | None = None, **engine_args: Any) -> dict:
             "agree within about 1e-6 without any setting."
         )
     compilation = dict(engine_args.pop("compilation_config", None) or {})
-    mode = compilation.get("mode", 0)
-    if mode not in (0, "NONE") or compilation.get("backend") == "inductor":
-        raise ExactLogprobsError(
-            f"compilation_config={compilation} compiles with torch.compile: "
-            "Inductor's generated kernels change the engine's log-"
-            "probabilities (none equal the trainer's, measured). Leave "
-            "compilation_config out (the exact configuration uses mode 0 "
-            "with CUDA graphs) or pass mode 0."
-        )
     attention = engine_args.get("attention_config") or {}
     backend = attention.get("backend") if isinstance(attention, dict) else None
     if backend not in (None, "FLASH_ATTN"):
@@ -80,10 +98,32 @@ def exact_engine_args(device: str | None = None, **engine_args: Any) -> dict:
             "FLASH_ATTN's kernel (use_generator_attention_kernel); leave the "
             "backend unset or pass FLASH_ATTN."
         )
+    if inductor:
+        if engine_args.get("enforce_eager"):
+            raise ExactLogprobsError(
+                "inductor=True compiles the engine's model: drop enforce_eager"
+            )
+        options = compilation.get("inductor_compile_config", {})
+        settings = {
+            **compilation,
+            "mode": 3,  # VLLM_COMPILE
+            "inductor_compile_config": {**options, **exact_inductor_options()},
+        }
+    else:
+        mode = compilation.get("mode", 0)
+        if mode not in (0, "NONE") or compilation.get("backend") == "inductor":
+            raise ExactLogprobsError(
+                f"compilation_config={compilation} compiles with torch.compile: "
+                "Inductor's generated kernels change the engine's log-"
+                "probabilities (none equal the trainer's, measured) unless "
+                "the trainer compiles with the same options: pass "
+                "inductor=True, or leave compilation_config out (mode 0 with "
+                "CUDA graphs)."
+            )
+        settings = {**EXACT_COMPILATION, **compilation}
+        if engine_args.get("enforce_eager"):
+            settings = {"mode": 0, "cudagraph_mode": "NONE"}
     os.environ["VLLM_BATCH_INVARIANT"] = "1"
-    settings = {**EXACT_COMPILATION, **compilation}
-    if engine_args.get("enforce_eager"):
-        settings = {"mode": 0, "cudagraph_mode": "NONE"}
     return {**engine_args, "compilation_config": settings}
 
 
@@ -91,9 +131,11 @@ def prepare_trainer(model: torch.nn.Module, llm) -> int:
     """The trainer's side, in the trainer's process: vLLM's batch-invariant
     ops, and the engine's attention kernel (its KV-cache block size and
     flash-attention version) for every `TrainableFlashAttention` in
-    `model`. Returns how many attention modules were switched. The trainer
-    then computes logits inside `row_invariant_matmuls()` and the sampled
-    tokens' log-probabilities with `token_logprobs`."""
+    `model`, and, when the engine compiles its model with Inductor
+    (`exact_engine_args(inductor=True)`), `model.compile` with the same
+    Inductor options. Returns how many attention modules were switched.
+    The trainer then computes logits inside `row_invariant_matmuls()` and
+    the sampled tokens' log-probabilities with `token_logprobs`."""
     if os.environ.get("VLLM_BATCH_INVARIANT") != "1":
         raise ExactLogprobsError(
             "the engine was not started with exact_engine_args(...): "
@@ -105,6 +147,9 @@ def prepare_trainer(model: torch.nn.Module, llm) -> int:
 
     _batch_invariant().init_batch_invariance()
     config = llm.llm_engine.vllm_config
+    if config.compilation_config.mode == 3:  # VLLM_COMPILE
+        # rows vary from call to call: one graph for every length
+        model.compile(dynamic=True, options=exact_inductor_options())
     version = config.attention_config.flash_attn_version
     if version is None:
         from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
