@@ -4,7 +4,9 @@
 Python loop) runs on vLLM's fused MoE layer by declaring its blocks
 (`_fused_moe`): the engine matches the module, at TP=1 (experts in an
 `nn.ModuleList`, Dynamo-traced) and TP=2 (stacked experts, a gated shared
-expert), and weight updates address the trainer's expert names."""
+expert), each with a second layer in transformers 5's form (packed
+gate_up, a router module that routes), and weight updates address the
+trainer's expert names."""
 
 import functools
 
@@ -37,14 +39,28 @@ ATOL = 5e-3 if torch.cuda.is_available() else 1e-4
 # engine fixture -> (experts form, TP size, the update a trainer sends)
 ENGINES = {
     "moe_engine": (
-        TinyMoeConfig(),
+        TinyMoeConfig(packed_experts=True),
         1,
-        ("layers.1.moe.experts.3.up_proj.weight", "layers.1.moe.gate.weight"),
+        (
+            "layers.0.moe.experts.3.up_proj.weight",
+            "layers.0.moe.gate.weight",
+            "layers.1.moe.experts.gate_up_proj",
+        ),
     ),
     "stacked_moe_engine_tp2": (
-        TinyMoeConfig(stacked_experts=True, shared_expert_intermediate_size=64),
+        TinyMoeConfig(
+            stacked_experts=True,
+            shared_expert_intermediate_size=64,
+            packed_experts=True,
+        ),
         2,
-        ("layers.0.moe.experts.w2", "layers.1.moe.shared_expert.up_proj.weight"),
+        (
+            "layers.0.moe.experts.w2",
+            "layers.0.moe.shared_expert.up_proj.weight",
+            # each rank takes its gate rows and its up rows
+            "layers.1.moe.experts.gate_up_proj",
+            "layers.1.moe.gate.weight",
+        ),
     ),
 }
 
@@ -162,6 +178,8 @@ BASE = dict(SparseMoeBlock._fused_moe)
         (dict(BASE, router="experts.0.up_proj"), 1, "must be a linear layer from"),
         (dict(BASE, router="router"), 1, "has no submodule 'router'"),
         (dict(BASE, projections=("w1", "w3", "w2")), 1, "lacks nn.Linear children"),
+        (dict(BASE, projections=("gate_up_proj", "down_proj")), 1, "are read from"),
+        (dict(BASE, projections=("gate_proj",)), 1, "or the packed gate_up"),
         (dict(BASE, top_k=9), 1, "must be an int in [1, 8]"),
         (dict(BASE, scoring="softplus"), 1, 'routes by "softmax" or "sigmoid"'),
         (BASE, 3, "intermediate size 64 does not split over tensor_parallel_size 3"),

@@ -5,7 +5,9 @@ decoder's attention, and a sparse MoE block whose experts run as a Python
 loop, declared for vLLM's fused MoE layer (see generic_moe.py). Its experts
 are either an `nn.ModuleList` of gated MLPs (HF style) or stacked
 `[num_experts, ...]` parameters (TorchTitan style, with a sigmoid-gated
-shared expert)."""
+shared expert); with `packed_experts`, every odd layer holds them as
+transformers 5 does (gate and up packed in one parameter, a router module
+that routes)."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ class TinyMoeConfig(TinyConfig):
     norm_topk_prob: bool = True
     stacked_experts: bool = False
     shared_expert_intermediate_size: int = 0
+    packed_experts: bool = False  # odd layers in transformers 5's form
 
 
 class Expert(nn.Module):
@@ -78,10 +81,14 @@ class SparseMoeBlock(nn.Module):
     def run_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return self.experts[index](x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        return weights / weights.sum(-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, chosen = self.route(x)
+        weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for index in range(self.num_experts):
             token, slot = (chosen == index).nonzero(as_tuple=True)
@@ -122,6 +129,64 @@ class StackedMoeBlock(SparseMoeBlock):
         return super().forward(x) + shared
 
 
+class TopKRouter(nn.Module):
+    """transformers 5's router: its forward routes, it holds the logits'
+    weight and the routing settings."""
+
+    def __init__(self, config: TinyMoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        nn.init.normal_(self.weight, 0, 0.1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights, chosen
+
+
+class PackedExperts(nn.Module):
+    """transformers 5's experts: gate and up rows in one parameter."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        for w in (self.gate_up_proj, self.down_proj):
+            nn.init.normal_(w, 0, 0.02)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[index])
+
+
+class PackedMoeBlock(SparseMoeBlock):
+    _fused_moe = {
+        "router": "gate",
+        "experts": "experts",
+        "top_k": "gate.top_k",
+        "renormalize": "gate.norm_topk_prob",
+        "projections": ("gate_up_proj", "down_proj"),
+    }
+
+    def __init__(self, config: TinyMoeConfig):
+        nn.Module.__init__(self)
+        self.num_experts = config.num_experts
+        self.gate = TopKRouter(config)
+        self.experts = PackedExperts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size
+        )
+
+    def run_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts.expert(index, x)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate(x)
+
+
 class MoeBlock(nn.Module):
     def __init__(self, config: TinyMoeConfig, parallel_context):
         super().__init__()
@@ -138,6 +203,12 @@ class MoeBlock(nn.Module):
 
 class TinyMoe(TinyDecoder):
     block = MoeBlock
+
+    def __init__(self, config: TinyMoeConfig, parallel_context=None):
+        super().__init__(config, parallel_context)
+        if config.packed_experts:
+            for layer in self.layers[1::2]:
+                layer.moe = PackedMoeBlock(config)
 
 
 def build_tiny_moe(vllm_config, parallel_context) -> TinyMoe:

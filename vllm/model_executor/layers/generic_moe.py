@@ -38,7 +38,15 @@ default `("gate_proj", "up_proj", "down_proj")`):
   children (HF Mixtral / Qwen3-MoE style: `experts.3.gate_proj.weight`);
 - one module holding them stacked as parameters `[num_experts, inter,
   hidden]`, `[num_experts, inter, hidden]` and `[num_experts, hidden,
-  inter]` (TorchTitan's `GroupedExperts`: `("w1", "w3", "w2")`).
+  inter]` (TorchTitan's `GroupedExperts`: `("w1", "w3", "w2")`);
+- two names, gate and up packed in one stacked parameter `[num_experts,
+  2 * inter, hidden]` (gate rows first) and down `[num_experts, hidden,
+  inter]`: transformers 5's experts, `("gate_up_proj", "down_proj")`.
+
+The router is a linear layer from hidden size to the experts, or a module
+holding such a `weight` whose forward returns more than logits (transformers
+5's `TopKRouter`): the logits are then `x @ weight.T`. A value such as
+`"top_k"` may name an attribute of a submodule (`"gate.top_k"`).
 
 Names stay: each expert parameter becomes a view of this rank's slice of
 the fused layer's weights, so checkpoints, strict-name errors and weight
@@ -92,6 +100,8 @@ class ExpertWeights:
 
     def __init__(self, block_name: str, experts: nn.Module, names: tuple[str, ...]):
         self.stacked = not isinstance(experts, nn.ModuleList)
+        # gate and up packed in one parameter, transformers 5's form
+        self.packed = len(names) == 2
         # gate, up and down of each expert; one row holding all of them
         # when stacked
         self.params: list[list[nn.Parameter]] = []
@@ -106,8 +116,20 @@ class ExpertWeights:
                     "[num_experts, ...] tensors. Name the gate, up and down "
                     'projections in "projections".'
                 )
+            if self.packed and params[0].shape[1] % 2:
+                raise FusedMoEError(
+                    f"{block_name}: packed {names[0]} of shape "
+                    f"{tuple(params[0].shape)} must hold gate and up rows "
+                    "alike ([num_experts, 2 * inter, hidden])."
+                )
             self.params.append(params)
             return
+        if self.packed:
+            raise FusedMoEError(
+                f"{block_name}: packed projections {names} are read from "
+                "stacked [num_experts, ...] parameters, and the experts are "
+                "an nn.ModuleList: name their gate, up and down projections."
+            )
         for index, expert in enumerate(experts):
             found = [getattr(expert, name, None) for name in names]
             layers = [layer for layer in found if isinstance(layer, nn.Linear)]
@@ -126,6 +148,11 @@ class ExpertWeights:
 
     def stacked_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of gate, up and down as `[num_experts, out, in]`."""
+        if self.packed:
+            gate_up, down = self.params[0]
+            experts, rows, hidden = gate_up.shape
+            half = (experts, rows // 2, hidden)
+            return [half, half, tuple(down.shape)]
         if self.stacked:
             return [tuple(p.shape) for p in self.params[0]]
         return [(len(self.params), *p.shape) for p in self.params[0]]
@@ -158,10 +185,10 @@ def declaration_of(block: nn.Module, block_name: str) -> MoEDeclaration | None:
             f"{block_name}: scoring {spec.scoring!r}; vLLM's fused MoE "
             'routes by "softmax" or "sigmoid".'
         )
-    if len(spec.projections) != 3:
+    if len(spec.projections) not in (2, 3):
         raise FusedMoEError(
             f"{block_name}: projections {spec.projections} must name the "
-            "gate, up and down projections."
+            "gate, up and down projections, or the packed gate_up and down."
         )
     return spec
 
@@ -236,13 +263,21 @@ class FusedExperts:
             if spec.shared_expert_gate
             else None
         )
-        self._bind_expert_weights(weights, hidden, inter // tp_size, tp_rank)
+        self._bind_expert_weights(
+            block_name, weights, hidden, inter // tp_size, tp_rank, tp_size
+        )
         for module in weights.modules(experts):
             module.runs_in_fused_moe = True  # not served on their own
         self.processed = False
 
     def _bind_expert_weights(
-        self, weights: ExpertWeights, hidden: int, shard: int, tp_rank: int
+        self,
+        block_name: str,
+        weights: ExpertWeights,
+        hidden: int,
+        shard: int,
+        tp_rank: int,
+        tp_size: int,
     ) -> None:
         """Make each trainer expert parameter a view of this rank's slice of
         the layer's unprocessed `w13` ([gate; up]) and `w2` (down), filled
@@ -253,7 +288,27 @@ class FusedExperts:
         w13.zero_()
         w2.zero_()
         with torch.no_grad():
-            for index, (gate, up, down) in enumerate(weights.params):
+            if weights.packed:
+                gate_up, down = weights.params[0]
+                if padded != shard:
+                    raise FusedMoEError(
+                        f"{block_name}: vLLM's MoE backend pads the experts' "
+                        f"intermediate shard from {shard} to {padded}, so the "
+                        "packed gate_up parameter cannot be one view of its "
+                        "weights; hold gate and up as separate parameters."
+                    )
+                view = w13[:, : 2 * shard, :hidden]
+                view.copy_(_packed_shard(gate_up.data, tp_rank, tp_size))
+                gate_up.data = view
+                # loaders give this rank's gate rows and up rows of a full
+                # tensor (one contiguous cut would take gate rows only)
+                gate_up.weight_loader = functools.partial(
+                    _load_packed_shard, tp_rank=tp_rank, tp_size=tp_size
+                )
+                self._bind_view(down, w2[:, :hidden, :shard], 2, tp_rank, shard)
+            for index, (gate, up, down) in enumerate(
+                [] if weights.packed else weights.params
+            ):
                 # a stacked parameter holds every expert in its first dim
                 e = slice(None) if weights.stacked else index
                 out_dim = 1 if weights.stacked else 0
@@ -262,13 +317,19 @@ class FusedExperts:
                     (up, w13[e, padded : padded + shard, :hidden], out_dim),
                     (down, w2[e, :hidden, :shard], out_dim + 1),
                 ):
-                    view.copy_(param.data.narrow(dim, tp_rank * shard, shard))
-                    param.data = view
-                    # loaders cut this rank's slice out of full tensors
-                    param.tensor_model_parallel = True
-                    param.partition_dim = dim
+                    self._bind_view(param, view, dim, tp_rank, shard)
         self.raw_weights = (w13, w2)
         self.member_ids = {id(param) for params in weights.params for param in params}
+
+    @staticmethod
+    def _bind_view(
+        param: nn.Parameter, view: torch.Tensor, dim: int, tp_rank: int, shard: int
+    ) -> None:
+        view.copy_(param.data.narrow(dim, tp_rank * shard, shard))
+        param.data = view
+        # loaders cut this rank's slice out of full tensors
+        param.tensor_model_parallel = True
+        param.partition_dim = dim
 
     def process(self) -> None:
         """vLLM's post-load processing of the expert weights (e.g. the CPU's
@@ -294,9 +355,16 @@ class FusedExperts:
         if self.processed and not self.in_place:
             self.process()
 
+    def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.router, nn.Linear):
+            return self.router(tokens)
+        # a router module whose forward routes (transformers 5's TopKRouter)
+        return nn.functional.linear(tokens, self.router.weight)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        out = self.runner(hidden_states=tokens, router_logits=self.router(tokens))
+        logits = self.router_logits(tokens)
+        out = self.runner(hidden_states=tokens, router_logits=logits)
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)
             if self.shared_expert_gate is not None:
@@ -387,8 +455,39 @@ def _submodule(block: nn.Module, block_name: str, name: str, role: str) -> nn.Mo
 
 
 def _value(block: nn.Module, value):
-    """A declared value, or the block's attribute it names."""
-    return getattr(block, value, None) if isinstance(value, str) else value
+    """A declared value, or the block's attribute it names (dotted: an
+    attribute of a submodule)."""
+    if not isinstance(value, str):
+        return value
+    for name in value.split("."):
+        block = getattr(block, name, None)
+    return block
+
+
+def _packed_shard(full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's gate rows then up rows of a packed `[E, 2 * inter, H]`."""
+    if full.dim() != 3 or full.shape[1] % (2 * tp_size):
+        raise ValueError(
+            f"packed gate_up of shape {tuple(full.shape)}: dimension 1 must "
+            f"hold gate and up rows that split over tensor_parallel_size "
+            f"{tp_size}"
+        )
+    gate, up = full.chunk(2, dim=1)
+    return torch.cat(
+        (gate.chunk(tp_size, 1)[tp_rank], up.chunk(tp_size, 1)[tp_rank]), dim=1
+    )
+
+
+def _load_packed_shard(
+    param: torch.Tensor, full: torch.Tensor, tp_rank: int, tp_size: int
+) -> None:
+    shard = _packed_shard(full, tp_rank, tp_size)
+    if shard.shape != param.shape:
+        raise ValueError(
+            f"packed gate_up of shape {tuple(full.shape)} gives this rank "
+            f"{tuple(shard.shape)}, the parameter holds {tuple(param.shape)}"
+        )
+    param.copy_(shard)
 
 
 def _fused_moe_factory():
