@@ -206,6 +206,66 @@ def test_update_while_a_request_is_running(
     assert fresh == greedy_recompute(updated_model, prompt)
 
 
+def test_push_into_async_engine_while_it_generates(tiny_checkpoint):
+    """`AsyncLLM`: a `SharedWeights` push awaited while a request streams
+    lands between two engine steps; the request's tokens are the old
+    model's up to that step and the updated model's after it (the update
+    changes only the LM head, so each token is checked exactly)."""
+    import asyncio
+
+    from tests.conftest import KV_CACHE_BYTES, engine_environment
+    from tests.models.tiny_decoder import ARCH, build_tiny_decoder
+    from vllm import ModelRegistry, SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    path, model = tiny_checkpoint
+    ModelRegistry.register_model(ARCH, build_tiny_decoder)
+    prompt, max_tokens = PROMPTS[4], 160  # long enough to outlast the push
+    update = {"lm_head.weight": model.lm_head.weight.detach().roll(1, dims=0)}
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False
+    )
+
+    async def generate_and_push():
+        args = AsyncEngineArgs(
+            model=str(path),
+            skip_tokenizer_init=True,
+            kv_cache_memory_bytes=KV_CACHE_BYTES,
+            max_model_len=512,
+            dtype="float32",
+            enforce_eager=True,
+            seed=0,
+        )
+        with engine_environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}):
+            engine = AsyncLLM.from_engine_args(args)
+        try:
+            with SharedWeights(update) as shared:
+                tokens, seen_before_push, loaded = [], None, None
+                stream = engine.generate({"prompt_token_ids": prompt}, params, "r")
+                async for output in stream:
+                    tokens = list(output.outputs[0].token_ids)
+                    if seen_before_push is None and len(tokens) >= 8:
+                        seen_before_push = len(tokens)
+                        loaded = await shared.push_async(engine, update)
+                return tokens, seen_before_push, loaded
+        finally:
+            engine.shutdown()
+
+    tokens, seen_before_push, loaded = asyncio.run(generate_and_push())
+    assert loaded == 1 and len(tokens) == max_tokens
+    old = greedy_recompute(model, prompt, max_tokens)
+    switch = next(i for i, (a, b) in enumerate(zip(tokens, old)) if a != b)
+    assert seen_before_push <= switch < max_tokens
+    updated_model = with_update(model, update)
+    expected = tokens[:switch]
+    while len(expected) < max_tokens:
+        logits = training_forward(updated_model, [prompt + expected])[0]
+        expected.append(int(logits[-1].argmax()))
+    assert tokens == expected
+
+
 # ------------------------------------- pushes through shared memory (plan)
 
 

@@ -155,6 +155,21 @@ class SharedWeights:
         llm.reset_prefix_cache()
         return copies[0]
 
+    async def push_async(
+        self,
+        engine,
+        tensors: nn.Module | Mapping[str, torch.Tensor] | None = None,
+        names: Iterable[str] | None = None,
+    ) -> int:
+        """`__call__` for a running `AsyncLLM`: awaitable while it generates.
+        The engine core takes the copy between two of its steps; requests
+        in flight go on, their later tokens computed by the new weights."""
+        if tensors is not None:
+            self.pack(tensors)
+        copies = await engine.collective_rpc("apply_model", args=(self.request(names),))
+        await engine.reset_prefix_cache()
+        return copies[0]
+
     def request(self, names: Iterable[str] | None = None) -> "CopyFromSharedWeights":
         """What `apply_model` sends: the buffer's name and layout, no
         tensors."""
