@@ -15,7 +15,10 @@ The push paths:
 - `SharedWeights` (vllm/model_executor/model_loader/shared_weights.py):
   the trainer packs its weights into one shared-memory buffer laid out
   once; each worker checks the layout once, then copies from the buffer.
-  Every platform; timed with the pack included.
+  Every platform; timed with the pack included. Then the same with the
+  trainer's parameters aliased to the buffer (`SharedWeights.alias`):
+  an in-place optimiser step writes the buffer, and the push only copies
+  in each worker.
 - CUDA only: `SharedWeights(..., device="cuda")`, the buffer in the
   trainer's GPU memory, which each worker opens once by CUDA IPC: a push
   is a device copy on each side.
@@ -28,6 +31,10 @@ The push paths:
   (`weight_transfer_config={"backend": "ipc"}`), for a trainer whose
   weights are on the same GPU: the workers open the trainer's tensors by
   IPC handle, nothing is serialised but the handles.
+
+`--plain-linear` registers the model with `use_vllm_linear_method = False`
+(plain `torch.nn.Linear` GEMMs: on the CPU nothing to re-pack after a
+push); `--enforce-eager` starts the engine without compiling.
 
 The physical limit is one copy of the same bytes: host memory to host
 memory on the CPU, pinned host memory to the GPU on CUDA (what the first
@@ -197,6 +204,13 @@ def main():
         help="CUDA: skip the weight-transfer engine path",
     )
     parser.add_argument(
+        "--plain-linear",
+        action="store_true",
+        help="the factory keeps plain torch.nn.Linear (use_vllm_linear_method "
+        "= False): no re-packing of CPU GEMM weights after a push",
+    )
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
         "--device-paths-only",
         action="store_true",
         help="CUDA: only the paths from GPU memory (at 8B the host paths and "
@@ -209,7 +223,11 @@ def main():
 
     from vllm import LLM, ModelRegistry
 
-    ModelRegistry.register_model(ARCH, build_qwen3)
+    factory = build_qwen3
+    if args.plain_linear:
+        factory = functools.partial(build_qwen3)  # carries the attribute
+        factory.use_vllm_linear_method = False  # type: ignore[attr-defined]
+    ModelRegistry.register_model(ARCH, factory)
     config = SIZES[args.size]
     torch.manual_seed(0)
     trainer = Qwen3Model(config).to(dtype)  # stands in for the trainer's
@@ -231,6 +249,7 @@ def main():
                 dtype=args.dtype,
                 max_model_len=512,
                 gpu_memory_utilization=memory,
+                enforce_eager=args.enforce_eager,
                 **extra,
             )
 
@@ -241,6 +260,8 @@ def main():
 
         host_paths = not (device == "cuda" and args.device_paths_only)
         pushes, shared_pushes, shared_verified, restart = [], [], None, None
+        aliased_pushes: list[float] = []
+        aliased_verified = None
         for index in range(args.rounds + 1 if host_paths else 0):  # 1 warm-up
             start = time.perf_counter()
             loaded = llm.apply_model(
@@ -264,6 +285,19 @@ def main():
                     "shared-memory push", lambda: shared(llm, state), args.rounds
                 )
             shared_verified = engine_holds(llm, trainer)
+            with SharedWeights(trainer) as shared:
+                assert shared.alias(trainer) == {}
+                with torch.no_grad():  # new values: an in-place step's
+                    for parameter in trainer.parameters():
+                        parameter.neg_()
+                aliased_pushes = timed_pushes(
+                    "shared-memory push, aliased trainer",
+                    lambda: shared(llm, trainer),
+                    args.rounds,
+                )
+                aliased_verified = engine_holds(llm, trainer)
+                for parameter in trainer.parameters():  # off the buffer it closes
+                    parameter.data = parameter.data.clone()
 
         ipc_pushes, ipc_error = [], None
         ipc_verified = device_verified = None
@@ -334,6 +368,16 @@ def main():
             f"  engine's weights after the shared-memory pushes equal the "
             f"trainer's: {shared_verified}"
         )
+        aliased_push = statistics.median(aliased_pushes)
+        print(
+            f"{'push, SharedWeights, trainer aliased: copy (median)':52s} "
+            f"{aliased_push:9.3f} {gigabytes / aliased_push:8.2f}   "
+            f"(min {min(aliased_pushes):.3f}, max {max(aliased_pushes):.3f})"
+        )
+        print(
+            f"  engine's weights after the aliased pushes equal the "
+            f"trainer's: {aliased_verified}"
+        )
         print(
             f"{'engine restart (shutdown + LLM(), dummy weights)':52s} "
             f"{restart:9.3f}          (first start {first_start:.1f} s)"
@@ -397,7 +441,7 @@ def main():
         print(
             f"push vs restart: {restart / push:.1f}x faster; push reaches "
             f"{limit / push:.1%} of the copy limit; SharedWeights "
-            f"{limit / shared_push:.1%}"
+            f"{limit / shared_push:.1%}, aliased {limit / aliased_push:.1%}"
         )
 
 

@@ -355,6 +355,43 @@ def test_planned_push_reaches_running_engine(request, tiny_checkpoint, engine_fi
     assert (torch.cat(after) - torch.cat(restored)).abs().max() > 1e-2
 
 
+def test_aliased_trainer_pushes_without_packing(tiny_engine, tiny_checkpoint):
+    """`SharedWeights.alias`: the trainer's parameters become the buffer's
+    views, so an in-place optimiser step writes the buffer and the push has
+    nothing to pack; the engine computes the updated module."""
+    from vllm.model_executor.model_loader.shared_weights import SharedWeights
+
+    _, model = tiny_checkpoint
+    trainer = copy.deepcopy(model)
+    vocab = model.lm_head.out_features
+    with SharedWeights(trainer) as shared:
+        assert shared.alias(trainer) == {}
+        assert all(
+            param.data_ptr() == shared.views[name].data_ptr()
+            for name, param in trainer.named_parameters()
+        )
+        generator = torch.Generator().manual_seed(3)
+        for param in trainer.parameters():
+            param.grad = torch.randn(param.shape, generator=generator)
+        torch.optim.SGD(trainer.parameters(), lr=0.05).step()  # into the buffer
+        want = training_forward(trainer, PROMPTS)
+        try:
+            shared(tiny_engine, trainer)  # every slot aliased: nothing packed
+            after, _ = logits_and_tokens(tiny_engine, PROMPTS, vocab)
+        finally:
+            shared(tiny_engine, model)
+        wider = SharedWeights(trainer, dtype=torch.bfloat16)
+        left = wider.alias(trainer)
+        wider.close()
+    for got, reference in zip(after, want):
+        torch.testing.assert_close(got, reference[:-1], atol=1e-4, rtol=0)
+    before = [logits[:-1] for logits in training_forward(model, PROMPTS)]
+    assert (torch.cat(after) - torch.cat(before)).abs().max() > 1e-2
+    # a bf16 buffer cannot hold fp32 parameters: each is left, with why
+    assert left.keys() == {name for name, _ in trainer.named_parameters()}
+    assert "torch.bfloat16" in left["lm_head.weight"]
+
+
 class RenamingModule(torch.nn.Module):
     """A module with its own loader: it renames one tensor, scales one,
     and stores one unchanged under its own name; it records what it gets."""

@@ -121,7 +121,8 @@ class SharedWeights:
 
     def pack(self, tensors: nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Copy the current values in (casting to the buffer's dtypes).
-        Every tensor of the layout must be there, with its shape."""
+        Every tensor of the layout must be there, with its shape; tensors
+        that are the buffer's own views (`alias`) are already in place."""
         named = _named_tensors(tensors)
         missing = [slot.name for slot in self.slots if slot.name not in named]
         if missing:
@@ -129,15 +130,48 @@ class SharedWeights:
                 f"pack: {len(missing)} tensor(s) of the layout are missing: "
                 f"{', '.join(missing[:10])}"
             )
-        if self.slots:  # (foreach takes one tensor at least)
+        slots = [
+            slot
+            for slot in self.slots
+            if named[slot.name].data_ptr() != self.views[slot.name].data_ptr()
+        ]
+        if slots:  # (foreach takes one tensor at least)
             with torch.no_grad():
                 torch._foreach_copy_(
-                    [self.views[slot.name] for slot in self.slots],
-                    [named[slot.name] for slot in self.slots],
+                    [self.views[slot.name] for slot in slots],
+                    [named[slot.name] for slot in slots],
                 )
         if self.buffer.is_cuda:
             # the workers read it from their own streams
             torch.cuda.current_stream(self.buffer.device).synchronize()
+
+    def alias(self, module: nn.Module) -> dict[str, str]:
+        """Make `module`'s parameters views of the buffer, values kept: the
+        trainer's in-place updates (an optimiser step) then write the
+        buffer, and a push has nothing to pack. Returns the parameters left
+        as they were, with why (not in the layout, or another dtype, shape
+        or device than their slot: fp32 masters for a bf16 buffer), which
+        `pack` keeps copying. The buffer must outlive the module's use."""
+        left = {}
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                view = self.views.get(name)
+                if view is None:
+                    left[name] = "not in the buffer's layout"
+                elif (view.dtype, view.shape, view.device) != (
+                    param.dtype,
+                    param.shape,
+                    param.device,
+                ):
+                    left[name] = (
+                        f"the buffer holds {view.dtype} {tuple(view.shape)} on "
+                        f"{view.device}, the parameter {param.dtype} "
+                        f"{tuple(param.shape)} on {param.device}"
+                    )
+                else:
+                    view.copy_(param)
+                    param.data = view
+        return left
 
     def __call__(
         self,
