@@ -459,9 +459,10 @@ def _value(block: nn.Module, value):
     attribute of a submodule)."""
     if not isinstance(value, str):
         return value
+    found = block
     for name in value.split("."):
-        block = getattr(block, name, None)
-    return block
+        found = getattr(found, name, None)
+    return found
 
 
 def _packed_shard(full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
