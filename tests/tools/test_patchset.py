@@ -125,7 +125,7 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     assert "*** " not in letter  # the template's placeholders are filled
     assert len(patches) == 17
     assert "[Frontend] vllm consolidate" in patches[-2].read_text()
-    assert "docs/models/generic_models.md" in patches[-1].read_text()
+    assert "docs/training/generic_models.md" in patches[-1].read_text()
 
     # Replay the series on a fresh git repository of the release.
     fresh = tmp_path / "fresh"
