@@ -62,9 +62,11 @@ class Commit:
     # differs too much for one patch ("patch A.patch | B.patch"): the first
     # whose hunks all match is applied.
     patches: list[tuple[str, ...]] = field(default_factory=list)
-    # Files of vLLM's repository outside the package (its documentation):
-    # in the exported series, never installed by `apply`.
+    # Files of vLLM's repository outside the package (its documentation,
+    # the commit's tests at vLLM's paths): in the exported series, never
+    # installed by `apply`.
     docs: list[str] = field(default_factory=list)
+    tests: list[str] = field(default_factory=list)
 
 
 def read_series(path: Path = PATCHES / "series") -> list[Commit]:
@@ -82,6 +84,8 @@ def read_series(path: Path = PATCHES / "series") -> list[Commit]:
             commits[-1].patches.append(tuple(name.strip() for name in value.split("|")))
         elif kind == "doc" and commits:
             commits[-1].docs.append(value)
+        elif kind == "test" and commits:
+            commits[-1].tests.append(value)
         else:
             raise PatchError(f"{path}:{lineno}: cannot read {line!r}")
     return commits
@@ -448,7 +452,7 @@ def export(target: Path, out: Path) -> str:
             edited = plan(work, [commit])
             for path, text in edited.items():
                 (work / path).write_text(text)
-            for name in commit.added + commit.docs:
+            for name in commit.added + commit.docs + commit.tests:
                 (work / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(REPO / name, work / name)
             run("add", "-A")

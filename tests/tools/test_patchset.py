@@ -7,6 +7,7 @@ bytes, and exports as a series that `git am` takes."""
 
 import copy
 import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -126,6 +127,10 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     assert len(patches) == 17
     assert "[Frontend] vllm consolidate" in patches[-2].read_text()
     assert "docs/training/generic_models.md" in patches[-1].read_text()
+    # each commit carries its tests, where vLLM keeps such tests
+    for commit, patch in zip(patchset.read_series(), patches):
+        for test in commit.tests:
+            assert f"b/{test}" in patch.read_text(), (commit.title, test)
 
     # Replay the series on a fresh git repository of the release.
     fresh = tmp_path / "fresh"
@@ -192,3 +197,21 @@ def test_develop_mode_follows_new_files_in_the_series(release_tree, monkeypatch)
     monkeypatch.setattr(patchset, "read_series", lambda: full_series)
     assert patchset.apply(release_tree, develop=True).startswith("applied")
     assert (release_tree / new_file).is_symlink()
+
+
+def test_carried_tests_import_only_what_their_commit_has():
+    """A test carried in the exported series runs on its commit and those
+    before it: the modules the series adds that it imports come no later,
+    and it needs none of this repository's test helpers."""
+    commits = patchset.read_series()
+    added_at = {
+        name: index for index, commit in enumerate(commits) for name in commit.added
+    }
+    carried = [(i, test) for i, c in enumerate(commits) for test in c.tests]
+    assert carried
+    for index, test in carried:
+        text = (patchset.REPO / test).read_text()
+        assert "from tests" not in text and "import tests" not in text, test
+        for module in re.findall(r"(?:from|import) (vllm(?:\.\w+)+)", text):
+            path = module.replace(".", "/") + ".py"
+            assert added_at.get(path, -1) <= index, (test, module)
