@@ -103,10 +103,12 @@ def exact_engine_args(
             raise ExactLogprobsError(
                 "inductor=True compiles the engine's model: drop enforce_eager"
             )
+        from vllm.config import CompilationMode
+
         options = compilation.get("inductor_compile_config", {})
         settings = {
             **compilation,
-            "mode": 3,  # VLLM_COMPILE
+            "mode": CompilationMode.VLLM_COMPILE,
             "inductor_compile_config": {**options, **exact_inductor_options()},
         }
     else:
@@ -146,8 +148,10 @@ def prepare_trainer(model: torch.nn.Module, llm) -> int:
     )
 
     _batch_invariant().init_batch_invariance()
+    from vllm.config import CompilationMode
+
     config = llm.llm_engine.vllm_config
-    if config.compilation_config.mode == 3:  # VLLM_COMPILE
+    if config.compilation_config.mode == CompilationMode.VLLM_COMPILE:
         # rows vary from call to call: one graph for every length
         model.compile(dynamic=True, options=exact_inductor_options())
     version = config.attention_config.flash_attn_version

@@ -306,18 +306,17 @@ class FusedExperts:
                     _load_packed_shard, tp_rank=tp_rank, tp_size=tp_size
                 )
                 self._bind_view(down, w2[:, :hidden, :shard], 2, tp_rank, shard)
-            for index, (gate, up, down) in enumerate(
-                [] if weights.packed else weights.params
-            ):
-                # a stacked parameter holds every expert in its first dim
-                e = slice(None) if weights.stacked else index
-                out_dim = 1 if weights.stacked else 0
-                for param, view, dim in (
-                    (gate, w13[e, :shard, :hidden], out_dim),
-                    (up, w13[e, padded : padded + shard, :hidden], out_dim),
-                    (down, w2[e, :hidden, :shard], out_dim + 1),
-                ):
-                    self._bind_view(param, view, dim, tp_rank, shard)
+            else:
+                for index, (gate, up, down) in enumerate(weights.params):
+                    # a stacked parameter holds every expert in its first dim
+                    e = slice(None) if weights.stacked else index
+                    out_dim = 1 if weights.stacked else 0
+                    for param, view, dim in (
+                        (gate, w13[e, :shard, :hidden], out_dim),
+                        (up, w13[e, padded : padded + shard, :hidden], out_dim),
+                        (down, w2[e, :hidden, :shard], out_dim + 1),
+                    ):
+                        self._bind_view(param, view, dim, tp_rank, shard)
         self.raw_weights = (w13, w2)
         self.member_ids = {id(param) for params in weights.params for param in params}
 
