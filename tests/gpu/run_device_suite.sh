@@ -5,7 +5,9 @@
 # kit, ../shared/device-kit). Applies the patch set there, runs the CUDA
 # tests and benchmarks named as arguments (default: kernels engine
 # bench_attention; any other argument is run as a shell command), logs
-# under $OUT. KERNEL_RUNS=N runs the kernel tests N times in a row.
+# under $OUT. KERNEL_RUNS=N runs the kernel tests N times in a row. Without
+# -p no:logging, pytest prints torch's DEBUG trace, which pushed failures
+# out of the logs' tails.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,21 +26,21 @@ for step in "$@"; do
     kernels)
       for run in $(seq "${KERNEL_RUNS:-1}"); do
         echo "--- run $run"
-        timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_trainable_attention.py -k cuda 2>&1 | grep -v "^$"
+        timeout 300 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/kernels/test_trainable_attention.py -k cuda 2>&1 | grep -v "^$"
       done > "$OUT/kernels.log"
       grep -E "^--- run|passed|failed" "$OUT/kernels.log" ;;
-    engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_trainable_attention_engine.py tests/models/test_parallel_plans.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
+    engine) timeout 480 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_trainable_attention_engine.py tests/models/test_parallel_plans.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/engine.log" ;;
     # issue 20: torch.equal log-probabilities in the exact configuration
     # one process per model, as one trainer process holds one model: run
     # after the TorchTitan test in one process, the Megatron test differed
     exact) for model in torchtitan megatron; do
-        timeout 420 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_exact_logprobs.py -k "cuda and $model" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -75
+        timeout 420 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_exact_logprobs.py -k "cuda and $model" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -75
       done > "$OUT/exact.log" ;;
     # issue 21: pushes through a GPU buffer opened by CUDA IPC
-    pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_weight_updates.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;
+    pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_weight_updates.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;
     # issue 25: generic MoE blocks on vLLM's fused MoE layer (a device kit
     # built with --keep-moe: the default kit prunes vLLM's _moe_C)
-    moe) timeout 300 python3 -m pytest -q -s -p no:cacheprovider tests/models/test_generic_moe.py -k "engine_matches or update or cuda" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -40 > "$OUT/moe.log" ;;
+    moe) timeout 300 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_generic_moe.py -k "engine_matches or update or cuda" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -40 > "$OUT/moe.log" ;;
     bench_attention) timeout 300 python3 benchmarks/benchmark_trainable_attention.py 2>&1 | tail -40 > "$OUT/bench_attention.log" ;;
     # two GPUs, one device call each: issue 11's bf16 parity at TP=2 and
     # at PP=2, and its throughput against native Llama at TP=2

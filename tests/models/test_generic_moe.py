@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from tests.conftest import (
     PROMPTS,
@@ -35,6 +36,8 @@ from vllm.model_executor.layers.generic_moe import FusedMoEError, use_fused_moe
 
 # fp32 logits: vLLM's CUDA fused MoE kernel multiplies fp32 in TF32
 ATOL = 5e-3 if torch.cuda.is_available() else 1e-4
+# router logits this close: TF32's rounding may choose either expert
+ROUTING_TIE = 1e-2
 
 # engine fixture -> (experts form, TP size, the update a trainer sends)
 ENGINES = {
@@ -121,7 +124,58 @@ def test_engine_matches_the_module(request, engine):
     )
     for got, want in zip(logits, training_forward(model, PROMPTS)):
         torch.testing.assert_close(got, want[:-1], atol=ATOL, rtol=0)
-    assert tokens == [greedy_recompute(model, p) for p in PROMPTS]
+    assert_greedy_up_to_a_routing_tie(model, PROMPTS, tokens)
+    if not torch.cuda.is_available():  # fp32 without TF32: no tie flips
+        assert tokens == [greedy_recompute(model, p) for p in PROMPTS]
+
+
+def assert_greedy_up_to_a_routing_tie(model, prompts, continuations):
+    """Each greedy continuation from the engine is the module's, fed the
+    same tokens, within `ATOL` at every step until one where a router's
+    k-th and (k+1)-th logits lie within `ROUTING_TIE`: there the engine's
+    TF32 rounding may take another expert (measured on an H200: logits
+    9.9e-4 apart), and the continuations may part."""
+    for index, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        logits, margins = logits_and_routing_margins(model, prompt + continuation)
+        closest = margins.cummin(0).values  # a tie reaches every later token
+        for step, token in enumerate(continuation):
+            position = len(prompt) - 1 + step
+            gap = float(logits[position].max() - logits[position][token])
+            if gap <= 2 * ATOL:
+                continue
+            assert closest[position] < ROUTING_TIE, (
+                f"prompt {index}: step {step} chose a token {gap:.2e} below "
+                "the module's best, with no routing tie before it (router "
+                f"logits at least {float(closest[position]):.1e} apart)"
+            )
+            break  # past a routing tie the engine follows other experts
+
+
+def logits_and_routing_margins(model, sequence):
+    """The module's logits at every position of `sequence`, and per position
+    the smallest gap, over its MoE blocks, between the k-th and (k+1)-th
+    router logits."""
+    inputs = {}
+
+    def keep_input(block, args, output):
+        inputs[block] = args[0]
+
+    hooks = [
+        block.register_forward_hook(keep_input)
+        for block in model.modules()
+        if isinstance(block, SparseMoeBlock)
+    ]
+    try:
+        logits = training_forward(model, [sequence])[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    margins = []
+    for block, x in inputs.items():
+        top_k = getattr(block, "top_k", None) or block.gate.top_k
+        ranked = F.linear(x, block.gate.weight.detach()).sort(-1, descending=True)
+        margins.append(ranked.values[:, top_k - 1] - ranked.values[:, top_k])
+    return logits, torch.stack(margins).min(0).values
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

@@ -48,14 +48,20 @@ EXACT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
 # Inductor's options for both sides when both compile: keep eager's
 # rounding of each op's result (no fp32 chains across fused ops), pick
-# reduction configs independently of the row count, no horizontal fusion.
-# Options this torch does not know are left out (`exact_inductor_options`).
+# reduction configs independently of the row count, no horizontal fusion,
+# and none of its graph rewrites: one of them folds an add that follows a
+# GEMM into the GEMM (`mm + residual` -> `addmm`, one rounding instead of
+# two) or splits a bias off it, depending on where the graph ends and on
+# what the backward saves, which differ between the trainer's graphs and
+# the engine's. Options this torch does not know are left out
+# (`exact_inductor_options`).
 EXACT_INDUCTOR = {
     "emulate_precision_casts": True,
     "batch_invariant": True,
     "deterministic": True,
     "combo_kernels": False,
     "benchmark_combo_kernel": False,
+    "pattern_matcher": False,
 }
 
 
