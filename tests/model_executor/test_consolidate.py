@@ -5,6 +5,7 @@ DeepSpeed ZeRO 1/2/3 (two CPU ranks), Hugging Face sharded safetensors and
 .bin, torch.distributed.checkpoint from two ranks."""
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -16,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import IN_PROCESS_ENGINE, REPO
 from vllm.entrypoints.cli.consolidate import add_arguments, run_batch, validate_load
 from vllm.model_executor.model_loader.consolidate import ConsolidateError, consolidate
 
 HERE = Path(__file__).resolve().parent
+# --validate-load starts vllm.LLM in the command's process: no engine
+# process to spawn
+IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 VLLM = str(Path(sys.executable).parent / "vllm")
 
 
@@ -40,6 +43,10 @@ def assert_same(ours: dict, reference: dict) -> None:
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     """ZeRO stage 1, 2 and 3 checkpoints DeepSpeed itself wrote."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.fail(
+            "DeepSpeed writes these tests' ZeRO checkpoints: pip install deepspeed"
+        )
     out = tmp_path_factory.mktemp("deepspeed")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     result = subprocess.run(
@@ -269,7 +276,7 @@ def test_command_one_checkpoint(zero_runs, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=REPO,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "deepspeed -> " in result.stdout and "21 tensors" in result.stdout

@@ -3,13 +3,10 @@
 """Bad factories fail with the documented message, and the engine stops
 instead of hanging."""
 
-import threading
-
 import pytest
 from torch import nn
 
 from tests.conftest import run_llm
-from tests.models.tiny_decoder import build_tiny_decoder
 from vllm import ModelRegistry
 
 
@@ -70,40 +67,3 @@ def test_bad_factory_fails_engine_start(tiny_checkpoint, engine_output, case):
     assert message in engine_output(failure)
     if spawned:
         assert "initialization failed" in str(failure.value)
-
-
-def test_unpicklable_factory_is_refused_at_registration():
-    lock = threading.Lock()
-
-    def factory(vllm_config, parallel_context):
-        with lock:
-            return build_tiny_decoder(vllm_config, parallel_context)
-
-    with pytest.raises(TypeError) as excinfo:
-        ModelRegistry.register_model("BadUnpicklable", factory)
-    message = str(excinfo.value)
-    assert "must be pickled to reach vLLM's engine and worker processes" in (message)
-    assert "register it as 'package.module:factory'" in message
-    assert "BadUnpicklable" not in ModelRegistry.get_supported_archs()
-
-
-@pytest.mark.parametrize(
-    "factory",
-    [
-        lambda vllm_config: None,
-        lambda: None,
-        lambda a, b, c: None,
-    ],
-)
-def test_factory_with_wrong_signature_is_refused(factory):
-    with pytest.raises(
-        TypeError,
-        match=r"must accept two positional "
-        r"arguments \(vllm_config, parallel_context\)",
-    ):
-        ModelRegistry.register_model("BadSignature", factory)
-
-
-def test_not_callable_is_refused():
-    with pytest.raises(TypeError, match="should be a string or PyTorch model"):
-        ModelRegistry.register_model("BadObject", 42)
