@@ -11,7 +11,13 @@ from vllm.config import VllmConfig
 from vllm.model_executor.parallel_context import ParallelContext
 
 
-def test_outside_a_worker_the_factory_builds_the_whole_model():
+def test_outside_a_worker_the_factory_builds_the_whole_model(monkeypatch):
+    # as in a reference run: no vLLM process groups (an in-process engine
+    # started earlier in this process would have left them)
+    monkeypatch.setattr(
+        "vllm.distributed.parallel_state.model_parallel_is_initialized",
+        lambda: False,
+    )
     context = ParallelContext.from_vllm_config(VllmConfig())
     assert (context.tp_rank, context.tp_size, context.pp_rank, context.pp_size) == (
         0,

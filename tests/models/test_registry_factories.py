@@ -5,6 +5,7 @@ engine: every callable form registers as a `CallableModelWrapper`, what
 cannot work is refused at registration with the way out, and the
 registration reaches a spawn-started process."""
 
+import collections
 import functools
 import os
 import subprocess
@@ -117,3 +118,12 @@ def test_factory_with_wrong_signature_is_refused(factory):
 def test_not_callable_is_refused():
     with pytest.raises(TypeError, match="should be a string or PyTorch model"):
         ModelRegistry.register_model("BadObject", 42)
+
+
+def test_class_named_by_string_loads_as_the_class():
+    """vLLM registers some architectures by name with a class that is not
+    an `nn.Module` (0.32's CPU `DeepSeekV4MTP`, which only raises): a class
+    loads as itself, never as a factory."""
+    ModelRegistry.register_model("PlainClassByName", "collections:OrderedDict")
+    model_cls = ModelRegistry.models["PlainClassByName"].load_model_cls()
+    assert model_cls is collections.OrderedDict
