@@ -384,3 +384,113 @@ def test_generator_kernel_clear_errors():
     q, k, v = _qkv(2, 2, 64)
     with pytest.raises(ValueError, match="fp16/bf16 tensors on CUDA"):
         attn(q, k, v)
+
+
+class TwoLayerAttention(torch.nn.Module):
+    """Projections, attention and a norm in a loop over layers: the shape of
+    a decoder whose compiled training graph must not break at attention."""
+
+    def __init__(self, heads, kv_heads, head_dim, causal, window):
+        super().__init__()
+        self.shape = (heads, kv_heads, head_dim)
+        hidden = heads * head_dim
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                dict(
+                    qkv=torch.nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim),
+                    attention=TrainableFlashAttention(
+                        heads, head_dim, kv_heads, causal=causal, sliding_window=window
+                    ),
+                    out=torch.nn.Linear(hidden, hidden),
+                )
+            )
+            for _ in range(2)
+        )
+        self.norm = torch.nn.RMSNorm(hidden)
+
+    def forward(self, x, cu_seqlens):
+        heads, kv_heads, head_dim = self.shape
+        for layer in self.layers:
+            q, k, v = layer["qkv"](x).split(
+                [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1
+            )
+            out = layer["attention"](
+                q.reshape(len(x), heads, head_dim),
+                k.reshape(len(x), kv_heads, head_dim),
+                v.reshape(len(x), kv_heads, head_dim),
+                cu_seqlens=cu_seqlens,
+            )
+            x = x + layer["out"](out.reshape(len(x), -1))
+        return self.norm(x)
+
+
+def _outputs_and_grads(model, x, cu_seqlens):
+    model.zero_grad()
+    out = model(x, cu_seqlens)
+    out.square().sum().backward()
+    return [out.detach()] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("heads,kv_heads,causal,window", CASES[2:])
+def test_compiled_trainer_is_one_graph_and_matches_eager(
+    heads, kv_heads, causal, window
+):
+    """torch.compile(fullgraph=True) of a training module: the attention is
+    one op, so nothing around it runs eagerly (as the engine's compiled
+    graph runs it), and values and gradients are eager's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TwoLayerAttention(heads, kv_heads, 16, causal, window)
+    x = torch.randn(sum([5, 1, 12]), heads * 16)
+    cu_seqlens = torch.tensor([0, 5, 6, 18], dtype=torch.int32)
+    eager = _outputs_and_grads(model, x, cu_seqlens)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for got, want in zip(_outputs_and_grads(compiled, x, cu_seqlens), eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_op_equals_the_eager_path_bit_for_bit():
+    """The op compiled trainers call: its forward is the module's forward,
+    its backward (a recompute and the vjp) gives autograd's gradients."""
+    q, k, v, cu = packed_inputs([3, 9, 4], 4, 2, 16, torch.float32, seed=2)
+    attn = TrainableFlashAttention(4, 16, 2, sliding_window=5)
+    eager_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    op_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    eager = attn(*eager_inputs, cu_seqlens=cu)
+    op = torch.ops.vllm.trainable_attention(
+        *op_inputs, cu, -1, attn.softmax_scale, True, 4, "reference", 16, 2
+    )
+    assert torch.equal(op, eager)
+    grad_out = torch.randn_like(eager)
+    eager.backward(grad_out)
+    op.backward(grad_out)
+    for ours, reference in zip(op_inputs, eager_inputs):
+        assert torch.equal(ours.grad, reference.grad)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["flash", "paged"])
+def test_cuda_attention_op_equals_the_eager_path_bit_for_bit(kernel):
+    """The flash and generator kernels through the op compiled trainers
+    call: the same forward rows, and the flash backward's gradients from
+    the recomputed forward."""
+    from vllm.model_executor.layers import trainable_attention
+
+    if trainable_attention._vllm_flash_varlen() is None:
+        pytest.skip("vLLM's flash-attn kernels are not installed")
+    q, k, v, cu = packed_inputs([1, 7, 64, 129], 8, 2, 128, torch.bfloat16, "cuda")
+    attn = TrainableFlashAttention(8, 128, 2)
+    if kernel == "paged":
+        trainable_attention.use_generator_attention_kernel(attn)
+    eager_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    op_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    eager = attn(*eager_inputs, cu_seqlens=cu)
+    op = torch.ops.vllm.trainable_attention(
+        *op_inputs, cu, -1, attn.softmax_scale, True, -1, kernel, 16, 2
+    )
+    assert torch.equal(op, eager)
+    grad_out = torch.randn_like(eager)
+    eager.backward(grad_out)
+    op.backward(grad_out)
+    for ours, reference in zip(op_inputs, eager_inputs):
+        assert torch.equal(ours.grad, reference.grad)

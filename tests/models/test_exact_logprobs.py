@@ -63,9 +63,9 @@ def test_cuda_exact_logprobs_torchtitan_qwen3(tmp_path, inductor):
     [
         "graphs",
         "eager",
-        # Megatron's layers break the trainer's graph where the engine's
-        # does not; before Inductor's rewrites were turned off in exact
-        # mode, 4 of 4,096 differed here (H200, torch 2.11)
+        # 4 of 4,096 differed here (H200, torch 2.11) while the trainer's
+        # graph broke at attention and its final norm ran eagerly; with
+        # attention one op when compiled, not yet re-run on a GPU
         "inductor",
     ],
 )

@@ -66,3 +66,44 @@ def test_megatron_model_matches_reference_cuda_bf16(tp):
         "--tensor-parallel-size", str(tp), "--dtype", "bfloat16", "--num-prompts", "32"
     )
     assert rc == 0 and "PASS" in output, output[-4000:]
+
+
+def test_megatron_trainer_compiles_as_one_graph(tmp_path):
+    """A trainer's torch.compile of the Megatron-core model (training mode,
+    gradients) traces one graph, final norm included, as vLLM's compile of
+    the engine's copy does: the exact configuration needs both sides to run
+    the same generated code (docs: "Inductor on both sides"). Values and
+    gradients are eager's within fp32 rounding."""
+    pytest.importorskip("megatron.core")
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import custom_model_with_megatron as megatron
+
+    from vllm.model_executor.layers.trainable_attention import pack_sequences
+    from vllm.model_executor.parallel_context import ParallelContext
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        world = dist.new_group([0], backend="gloo")
+        torch.manual_seed(0)
+        model = megatron.MegatronDecoder(
+            megatron.DecoderConfig(),
+            ParallelContext(tp_group=world, tp_cpu_group=world),
+        ).train()
+        inputs = pack_sequences([[5, 6, 7, 8, 9], [10], list(range(20, 32))])
+
+        def outputs_and_grads(forward):
+            model.zero_grad()
+            hidden = forward(*inputs[:2], cu_seqlens=inputs[2])
+            model.compute_logits(hidden).logsumexp(-1).mean().backward()
+            return [hidden.detach()] + [p.grad.clone() for p in model.parameters()]
+
+        eager = outputs_and_grads(model)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        for got, want in zip(outputs_and_grads(compiled), eager):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()

@@ -45,6 +45,9 @@ from vllm.logger import init_logger
 logger = init_logger(__name__)
 
 TrainingBackend = Literal["auto", "flash", "reference"]
+# what the training forward runs: FA2 varlen, vLLM's kernel over paged K/V
+# (`use_generator_attention_kernel`), or SDPA per sequence
+TrainingKernel = Literal["flash", "paged", "reference"]
 
 
 @dataclass(frozen=True)
@@ -220,47 +223,46 @@ class TrainableFlashAttention(nn.Module):
             cu_seqlens = torch.tensor(
                 [0, q.shape[0]], dtype=torch.int32, device=q.device
             )
-        self._check_cu_seqlens(q, cu_seqlens)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         dropout = self.dropout if self.training else 0.0
-        if self.paged_kernel is not None:
-            self._check_paged_kernel_inputs(q, dropout)
-            kernel = self.paged_kernel
-            return PagedFlashAttentionVarlen.apply(
+        kernel = self._training_kernel(q, dropout)
+        paged = self.paged_kernel or PagedKernel()
+        if torch.compiler.is_compiling() and not dropout:
+            # One opaque op: reading the sequence lengths (`.item()`) would
+            # break the trainer's graph, and Dynamo then runs whole frames
+            # eagerly (the model's final norm, say) where the engine's graph
+            # compiles them, so the two sides would round apart.
+            return torch.ops.vllm.trainable_attention(
                 q,
                 k,
                 v,
                 cu_seqlens,
-                max_seqlen,
-                self.softmax_scale,
-                self._window_left(),
-                kernel.block_size,
-                kernel.flash_attn_version,
-            )
-        if self._use_flash(q):
-            return FlashAttentionVarlen.apply(
-                q,
-                k,
-                v,
-                cu_seqlens,
-                max_seqlen,
+                -1 if max_seqlen is None else max_seqlen,
                 self.softmax_scale,
                 self.causal,
                 self._window_left(),
-                dropout,
+                kernel,
+                paged.block_size,
+                paged.flash_attn_version,
             )
-        _log_backend_once("reference (SDPA per sequence)")
-        return reference_attention(
+        return training_attention(
             q,
             k,
             v,
             cu_seqlens,
+            max_seqlen,
             self.softmax_scale,
             self.causal,
-            self.sliding_window,
+            self._window_left(),
+            kernel,
+            paged,
             dropout,
         )
+
+    def _training_kernel(self, q: torch.Tensor, dropout: float) -> TrainingKernel:
+        if self.paged_kernel is not None:
+            self._check_paged_kernel_inputs(q, dropout)
+            return "paged"
+        return "flash" if self._use_flash(q) else "reference"
 
     def _use_flash(self, q: torch.Tensor) -> bool:
         if self.training_backend == "reference":
@@ -395,6 +397,178 @@ def pack_sequences(
     return input_ids, positions, cu_seqlens
 
 
+def training_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    kernel: TrainingKernel,
+    paged: PagedKernel,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The training forward of `TrainableFlashAttention` (packed input,
+    gradients through autograd)."""
+    TrainableFlashAttention._check_cu_seqlens(q, cu_seqlens)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if kernel == "paged":
+        return PagedFlashAttentionVarlen.apply(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            scale,
+            window_left,
+            paged.block_size,
+            paged.flash_attn_version,
+        )
+    if kernel == "flash":
+        return FlashAttentionVarlen.apply(
+            q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, dropout
+        )
+    _log_backend_once("reference (SDPA per sequence)")
+    sliding_window = None if window_left < 0 else window_left + 1
+    return reference_attention(
+        q, k, v, cu_seqlens, scale, causal, sliding_window, dropout
+    )
+
+
+# ------------------------------------------------------- compiled trainers
+#
+# `torch.compile` sees the training forward as one op, so a compiled
+# trainer's graph is cut only where vLLM's is (at attention). The backward
+# op recomputes the forward (deterministic without dropout, which compiled
+# trainers run eagerly) instead of returning its log-sum-exp, whose shape
+# differs between kernels.
+
+
+@torch.library.custom_op("vllm::trainable_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    kernel: str,
+    block_size: int,
+    flash_attn_version: int,
+) -> torch.Tensor:
+    with torch.no_grad():
+        out = training_attention(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            None if max_seqlen < 0 else max_seqlen,
+            scale,
+            causal,
+            window_left,
+            kernel,  # type: ignore[arg-type]
+            PagedKernel(block_size, flash_attn_version),
+        )
+    return out.contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, *args):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("vllm::trainable_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    kernel: str,
+    block_size: int,
+    flash_attn_version: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if max_seqlen < 0:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if kernel == "reference":
+        # the autograd key is off inside an op; functorch's vjp still works
+        sliding_window = None if window_left < 0 else window_left + 1
+        _, vjp = torch.func.vjp(
+            lambda q, k, v: reference_attention(
+                q, k, v, cu_seqlens, scale, causal, sliding_window
+            ),
+            q,
+            k,
+            v,
+        )
+        grads = vjp(grad_out)
+    else:
+        if kernel == "paged":
+            out, lse = _paged_flash_forward(
+                q,
+                k,
+                v,
+                cu_seqlens,
+                max_seqlen,
+                scale,
+                window_left,
+                block_size,
+                flash_attn_version,
+            )
+            causal, window_right = True, 0
+        else:
+            out, lse = _flash_forward(
+                q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left
+            )[:2]
+            window_right = 0 if causal else window_left
+        empty = torch.empty(0, dtype=torch.int64, device=q.device)
+        grads = _flash_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens,
+            empty,
+            empty,
+            (max_seqlen, scale, causal, window_left, window_right, 0.0),
+        )
+    return tuple(grad.contiguous() for grad in grads)  # type: ignore[return-value]
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.settings = inputs[4:]
+
+
+def _attention_op_backward(ctx, grad_out):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    grads = torch.ops.vllm.trainable_attention_backward(
+        grad_out, q, k, v, cu_seqlens, *ctx.settings
+    )
+    return (*grads, *[None] * 8)
+
+
+_attention_op.register_autograd(
+    _attention_op_backward, setup_context=_attention_op_setup
+)
+
+
 def _in_vllm_forward() -> bool:
     # Imported here: vllm.forward_context imports vllm.config, which must
     # not be a dependency of importing this layer.
@@ -463,6 +637,106 @@ def _vllm_flash_varlen():
     return flash_attn_varlen_func
 
 
+def _flash_forward(
+    q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, dropout=0.0
+):
+    """FA2 varlen forward: `(out, lse, seed, offset)`."""
+    vllm_varlen = _vllm_flash_varlen()
+    window_right = 0 if causal else window_left
+    if vllm_varlen is not None and dropout == 0.0:
+        _log_backend_once(
+            "FA2 varlen (vllm_flash_attn) + aten._flash_attention_backward"
+        )
+        out, lse = vllm_varlen(
+            q,
+            k,
+            v,
+            max_seqlen_q=max_seqlen,
+            cu_seqlens_q=cu_seqlens,
+            max_seqlen_k=max_seqlen,
+            cu_seqlens_k=cu_seqlens,
+            softmax_scale=scale,
+            causal=causal,
+            window_size=(window_left, window_right),
+            fa_version=2,
+            return_softmax_lse=True,
+        )
+        seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
+        return out, lse, seed, offset
+    _log_backend_once(
+        "FA2 varlen (aten._flash_attention_forward) + aten._flash_attention_backward"
+    )
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout,
+        causal,
+        False,
+        scale=scale,
+        window_size_left=_or_none(window_left),
+        window_size_right=_or_none(window_right),
+    )
+    return out, lse, seed, offset
+
+
+def _paged_flash_forward(
+    q, k, v, cu_seqlens, max_seqlen, scale, window_left, block_size, flash_attn_version
+):
+    """vLLM's flash kernel over a paged copy of K/V, causal, one split:
+    `(out, lse)`."""
+    _log_backend_once(
+        f"FA{flash_attn_version} varlen over paged K/V "
+        "(vllm_flash_attn, as vLLM's FLASH_ATTN backend) "
+        "+ aten._flash_attention_backward"
+    )
+    key_cache, value_cache, block_table = paged_kv(k, v, cu_seqlens, block_size)
+    return _vllm_flash_varlen()(
+        q,
+        key_cache,
+        value_cache,
+        max_seqlen_q=max_seqlen,
+        cu_seqlens_q=cu_seqlens,
+        max_seqlen_k=max_seqlen,
+        seqused_k=(cu_seqlens[1:] - cu_seqlens[:-1]).int(),
+        block_table=block_table,
+        softmax_scale=scale,
+        causal=True,
+        window_size=(window_left, 0),
+        num_splits=1,
+        fa_version=flash_attn_version,
+        return_softmax_lse=True,
+    )
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, args):
+    """The flash backward kernel from a forward's output and log-sum-exp."""
+    max_seqlen, scale, causal, window_left, window_right, dropout = args
+    return torch.ops.aten._flash_attention_backward(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout,
+        causal,
+        seed,
+        offset,
+        scale=scale,
+        window_size_left=_or_none(window_left),
+        window_size_right=_or_none(window_right),
+    )
+
+
 class FlashAttentionVarlen(torch.autograd.Function):
     """FA2 varlen forward and the flash backward kernel."""
 
@@ -470,75 +744,21 @@ class FlashAttentionVarlen(torch.autograd.Function):
     def forward(
         ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, dropout
     ):
-        vllm_varlen = _vllm_flash_varlen()
-        window_right = 0 if causal else window_left
-        if vllm_varlen is not None and dropout == 0.0:
-            _log_backend_once(
-                "FA2 varlen (vllm_flash_attn) + aten._flash_attention_backward"
-            )
-            out, lse = vllm_varlen(
-                q,
-                k,
-                v,
-                max_seqlen_q=max_seqlen,
-                cu_seqlens_q=cu_seqlens,
-                max_seqlen_k=max_seqlen,
-                cu_seqlens_k=cu_seqlens,
-                softmax_scale=scale,
-                causal=causal,
-                window_size=(window_left, window_right),
-                fa_version=2,
-                return_softmax_lse=True,
-            )
-            seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
-        else:
-            _log_backend_once(
-                "FA2 varlen (aten._flash_attention_forward) + "
-                "aten._flash_attention_backward"
-            )
-            out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
-                q,
-                k,
-                v,
-                cu_seqlens,
-                cu_seqlens,
-                max_seqlen,
-                max_seqlen,
-                dropout,
-                causal,
-                False,
-                scale=scale,
-                window_size_left=_or_none(window_left),
-                window_size_right=_or_none(window_right),
-            )
+        out, lse, seed, offset = _flash_forward(
+            q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, dropout
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        window_right = 0 if causal else window_left
         ctx.args = (max_seqlen, scale, causal, window_left, window_right, dropout)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
-        max_seqlen, scale, causal, window_left, window_right, dropout = ctx.args
-        grad_q, grad_k, grad_v = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            cu_seqlens,
-            cu_seqlens,
-            max_seqlen,
-            max_seqlen,
-            dropout,
-            causal,
-            seed,
-            offset,
-            scale=scale,
-            window_size_left=_or_none(window_left),
-            window_size_right=_or_none(window_right),
+        grads = _flash_backward(
+            grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, ctx.args
         )
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+        return (*grads, None, None, None, None, None, None)
 
 
 class PagedFlashAttentionVarlen(FlashAttentionVarlen):
@@ -559,27 +779,16 @@ class PagedFlashAttentionVarlen(FlashAttentionVarlen):
         block_size,
         flash_attn_version,
     ):
-        _log_backend_once(
-            f"FA{flash_attn_version} varlen over paged K/V "
-            "(vllm_flash_attn, as vLLM's FLASH_ATTN backend) "
-            "+ aten._flash_attention_backward"
-        )
-        key_cache, value_cache, block_table = paged_kv(k, v, cu_seqlens, block_size)
-        out, lse = _vllm_flash_varlen()(
+        out, lse = _paged_flash_forward(
             q,
-            key_cache,
-            value_cache,
-            max_seqlen_q=max_seqlen,
-            cu_seqlens_q=cu_seqlens,
-            max_seqlen_k=max_seqlen,
-            seqused_k=(cu_seqlens[1:] - cu_seqlens[:-1]).int(),
-            block_table=block_table,
-            softmax_scale=scale,
-            causal=True,
-            window_size=(window_left, 0),
-            num_splits=1,
-            fa_version=flash_attn_version,
-            return_softmax_lse=True,
+            k,
+            v,
+            cu_seqlens,
+            max_seqlen,
+            scale,
+            window_left,
+            block_size,
+            flash_attn_version,
         )
         seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
