@@ -33,8 +33,9 @@ throughput. `--exact` (CUDA) runs both sides in the exact configuration
 `--exact inductor` compiles both the engine's model and the trainer's with
 Inductor, with the same options: as fast as vLLM's default configuration
 at real sizes (see the docs' "Exact log-probabilities"). On an H200 this
-policy differed in 3 of 27,648 log-probabilities that way, before the
-exact options turned Inductor's graph rewrites off (not re-run since).
+policy differed in 3 of 27,648 log-probabilities that way while the
+trainer's compiled graph broke at attention and its final norm ran
+eagerly; attention is one op under torch.compile since (not re-run).
 """
 
 import argparse
