@@ -2,19 +2,18 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Projections that read one input run as one GEMM in the engine's copy of
 a module: found by a forward pass or declared, names and results kept.
+This file: the TorchTitan Qwen3's groups; the search and declarations on
+a small block, and their errors: tests/model_executor/test_fused_projections.py.
 The engine tests that run fused modules (TP=1 and TP=2) are in
 test_torchtitan_qwen3.py and test_weight_updates.py."""
 
 import copy
 
-import pytest
 import torch
-from torch import nn
 
 from tests.conftest import training_forward
 from tests.models.test_torchtitan_qwen3 import PROMPTS, random_model
 from vllm.model_executor.layers.fused_projections import (
-    ProjectionFusionError,
     ProjectionSearch,
     declared_groups,
     fuse_projections,
@@ -101,51 +100,3 @@ def test_dynamo_traces_a_fused_module_as_one_graph():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
     assert fused.w1.projection_group.current_input is None  # nothing held
-
-
-class TwoInputs(nn.Module):
-    """Declares a group whose members read different inputs."""
-
-    _fused_projections = (("a", "b"),)
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 4)
-        self.b = nn.Linear(8, 6)
-
-    def forward(self, x, y):
-        return self.a(x).sum(-1) + self.b(y).sum(-1)
-
-
-def test_a_wrong_declaration_costs_time_not_results():
-    torch.manual_seed(0)
-    model = TwoInputs()
-    fused = copy.deepcopy(model)
-    fuse_projections(fused, declared_groups(fused))
-    x, y = torch.randn(3, 8), torch.randn(3, 8)
-
-    torch.testing.assert_close(fused(x, y), model(x, y), atol=1e-6, rtol=0)
-    assert fused_projection_names(fused) == [("a", "b")]
-
-
-@pytest.mark.parametrize(
-    "names, problem",
-    [
-        (("a", "missing"), "not all are child modules"),
-        (("a", "norm"), "is a LayerNorm, not a torch.nn.Linear"),
-        (("a", "wide"), "differ in class, input features"),
-    ],
-)
-def test_a_declaration_that_cannot_be_fused_is_refused(names, problem):
-    class Declared(nn.Module):
-        _fused_projections = (names,)
-
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(8, 4)
-            self.norm = nn.LayerNorm(8)
-            self.wide = nn.Linear(16, 4)
-
-    with pytest.raises(ProjectionFusionError, match=problem) as error:
-        declared_groups(nn.Sequential(Declared()))
-    assert f"Declared._fused_projections names {names}" in str(error.value)

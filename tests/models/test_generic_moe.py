@@ -6,13 +6,13 @@ Python loop) runs on vLLM's fused MoE layer by declaring its blocks
 `nn.ModuleList`, Dynamo-traced) and TP=2 (stacked experts, a gated shared
 expert), each with a second layer in transformers 5's form (packed
 gate_up, a router module that routes), and weight updates address the
-trainer's expert names."""
+trainer's expert names. (Declarations and their errors:
+tests/model_executor/test_generic_moe.py.)"""
 
 import functools
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from tests.conftest import (
@@ -32,7 +32,6 @@ from tests.models.tiny_moe import (
     build_tiny_moe,
     write_checkpoint,
 )
-from vllm.model_executor.layers.generic_moe import FusedMoEError, use_fused_moe
 
 # fp32 logits: vLLM's CUDA fused MoE kernel multiplies fp32 in TF32
 ATOL = 5e-3 if torch.cuda.is_available() else 1e-4
@@ -204,50 +203,6 @@ def test_update_of_expert_weights(request, engine):
         torch.testing.assert_close(got, want[:-1], atol=ATOL, rtol=0)
     before = [logits[:-1] for logits in training_forward(model, PROMPTS)]
     assert (torch.cat(after) - torch.cat(before)).abs().max() > 1e-3
-
-
-# ------------------------------------------------ declarations that do not fit
-
-
-class Holder(nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.moe = block
-
-
-def _block(declaration=None, **config):
-    cls = SparseMoeBlock
-    if declaration is not None:
-        cls = type("Declared", (SparseMoeBlock,), {"_fused_moe": declaration})
-    return Holder(cls(TinyMoeConfig(**config)))
-
-
-BASE = dict(SparseMoeBlock._fused_moe)
-
-
-@pytest.mark.parametrize(
-    "declaration, tp_size, message",
-    [
-        (dict(BASE, topk=2), 1, "unknown keys ['topk']"),
-        (dict(BASE, router="experts.0.up_proj"), 1, "must be a linear layer from"),
-        (dict(BASE, router="router"), 1, "has no submodule 'router'"),
-        (dict(BASE, projections=("w1", "w3", "w2")), 1, "lacks nn.Linear children"),
-        (dict(BASE, projections=("gate_up_proj", "down_proj")), 1, "are read from"),
-        (dict(BASE, projections=("gate_proj",)), 1, "or the packed gate_up"),
-        (dict(BASE, top_k=9), 1, "must be an int in [1, 8]"),
-        (dict(BASE, scoring="softplus"), 1, 'routes by "softmax" or "sigmoid"'),
-        (BASE, 3, "intermediate size 64 does not split over tensor_parallel_size 3"),
-    ],
-)
-def test_declaration_errors_name_the_problem(declaration, tp_size, message):
-    with pytest.raises(FusedMoEError) as excinfo:
-        use_fused_moe(_block(declaration), "model", 0, tp_size, False)
-    assert message in str(excinfo.value)
-
-
-def test_expert_parallelism_is_refused_with_the_way_out():
-    with pytest.raises(FusedMoEError, match="without enable_expert_parallel"):
-        use_fused_moe(_block(), "model", 0, 2, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
