@@ -30,6 +30,8 @@ from tests.models.tiny_moe import (
     SparseMoeBlock,
     TinyMoeConfig,
     build_tiny_moe,
+    successor_chains,
+    train_to_successors,
     write_checkpoint,
 )
 
@@ -207,20 +209,29 @@ def test_update_of_expert_weights(request, engine):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_top1_agrees_with_the_module(tmp_path):
-    """bf16 on vLLM's CUDA fused MoE kernels: the next-token argmax at every
-    prompt position agrees with the module's own bf16 forward (its expert
-    loop). Measured on an H200: 98.2% and 98.3% of 1504 positions (random
-    weights and prompts; the issue's goal is 99% on a trained model)."""
+    """bf16 on vLLM's CUDA fused MoE kernels, a model trained to be
+    decisive (each token's fixed successor, learnt by the attention and MoE
+    blocks: the embedding and LM head stay frozen): the next-token argmax
+    at every prompt position agrees with the module's own bf16 forward
+    (its expert loop) at 99% or more. (On random weights, whose logits are
+    near ties that bf16 rounding flips, 98.2% and 98.3% were measured.)"""
+    from safetensors.torch import save_file
+
     from vllm import ModelRegistry
 
-    config = TinyMoeConfig()
-    # top-1 margins of a trained model, not of a random one (whose logits
-    # are near ties that bf16 rounding flips): a larger LM head
-    model = write_checkpoint(tmp_path, config, lm_head_scale=4.0)
+    config = TinyMoeConfig(packed_experts=True)
+    model = write_checkpoint(tmp_path, config).cuda()
+    successor = torch.randperm(
+        config.vocab_size, generator=torch.Generator().manual_seed(3)
+    )
+    loss = train_to_successors(model, successor, steps=300)
+    assert loss < 0.05, loss
+    save_file(
+        {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
     ModelRegistry.register_model(ARCH, build_tiny_moe)
-    generator = torch.Generator().manual_seed(2)
-    prompts = torch.randint(1, config.vocab_size, (32, 48), generator=generator)
-    prompts = prompts.tolist()
+    prompts = successor_chains(successor, 32, 48, torch.Generator().manual_seed(2))
     llm = make_llm(
         tmp_path,
         ARCH,
@@ -232,10 +243,9 @@ def test_cuda_bf16_top1_agrees_with_the_module(tmp_path):
         logits, _ = logits_and_tokens(llm, prompts, config.vocab_size, max_tokens=1)
     finally:
         shutdown_llm(llm)
-    module = model.to("cuda", torch.bfloat16)
-    reference = training_forward(module, prompts)
+    reference = training_forward(model.to(torch.bfloat16), prompts)
     agree = torch.cat(
         [got.argmax(-1) == want[:-1].argmax(-1) for got, want in zip(logits, reference)]
     )
     print(f"bf16 top-1 agreement with the module: {agree.float().mean():.4f}")
-    assert agree.float().mean() >= 0.98
+    assert agree.float().mean() >= 0.99

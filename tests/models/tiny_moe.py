@@ -225,3 +225,43 @@ def write_checkpoint(
     return tiny_decoder.write_checkpoint(
         path, config, seed, ARCH, TinyMoe, lm_head_scale
     )
+
+
+def successor_chains(
+    successor: torch.Tensor, count: int, length: int, generator: torch.Generator
+) -> list[list[int]]:
+    """`count` token sequences in which each token is `successor[previous]`."""
+    tokens = [torch.randint(0, len(successor), (count,), generator=generator)]
+    for _ in range(length - 1):
+        tokens.append(successor[tokens[-1]])
+    return torch.stack(tokens, 1).tolist()
+
+
+def train_to_successors(model: TinyMoe, successor: torch.Tensor, steps: int) -> float:
+    """Train `model` (on its device, fp32) to predict each token's fixed
+    successor: a decisive model, with the embedding and the LM head frozen
+    so that the attention and MoE blocks carry the mapping (without the
+    MoE blocks about half the top-1 predictions change). Returns the last
+    loss."""
+    from vllm.model_executor.layers.trainable_attention import pack_sequences
+
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    trained = [
+        p
+        for name, p in model.named_parameters()
+        if name.split(".")[0] not in ("embed", "lm_head")
+    ]
+    optimizer = torch.optim.AdamW(trained, lr=3e-3)
+    for _ in range(steps):
+        sequences = successor_chains(successor, 32, 24, generator)
+        input_ids, positions, cu_seqlens = pack_sequences(sequences, device)
+        logits = model.compute_logits(
+            model(input_ids, positions, cu_seqlens=cu_seqlens)
+        )
+        targets = torch.tensor([s[1:] + [-100] for s in sequences], device=device)
+        loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
