@@ -12,6 +12,7 @@ from vllm.model_executor.layers.trainable_attention import (
 )
 
 CUDA = torch.cuda.is_available()
+NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def naive_attention(q, k, v, cu_seqlens, scale, causal, window):
@@ -449,44 +450,35 @@ def test_compiled_trainer_is_one_graph_and_matches_eager(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_op_equals_the_eager_path_bit_for_bit():
-    """The op compiled trainers call: its forward is the module's forward,
-    its backward (a recompute and the vjp) gives autograd's gradients."""
-    q, k, v, cu = packed_inputs([3, 9, 4], 4, 2, 16, torch.float32, seed=2)
-    attn = TrainableFlashAttention(4, 16, 2, sliding_window=5)
-    eager_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    op_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    eager = attn(*eager_inputs, cu_seqlens=cu)
-    op = torch.ops.vllm.trainable_attention(
-        *op_inputs, cu, -1, attn.softmax_scale, True, 4, "reference", 16, 2
-    )
-    assert torch.equal(op, eager)
-    grad_out = torch.randn_like(eager)
-    eager.backward(grad_out)
-    op.backward(grad_out)
-    for ours, reference in zip(op_inputs, eager_inputs):
-        assert torch.equal(ours.grad, reference.grad)
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kernel", ["flash", "paged"])
-def test_cuda_attention_op_equals_the_eager_path_bit_for_bit(kernel):
-    """The flash and generator kernels through the op compiled trainers
-    call: the same forward rows, and the flash backward's gradients from
-    the recomputed forward."""
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param("reference", id="cpu-reference"),
+        pytest.param("flash", id="cuda-flash", marks=NEEDS_CUDA),
+        pytest.param("paged", id="cuda-paged", marks=NEEDS_CUDA),
+    ],
+)
+def test_attention_op_equals_the_eager_path_bit_for_bit(kernel):
+    """The op compiled trainers call: its forward rows are the module's,
+    and its backward (the forward recomputed, then the same backward
+    kernel, or the reference path's vjp) gives autograd's gradients."""
     from vllm.model_executor.layers import trainable_attention
 
-    if trainable_attention._vllm_flash_varlen() is None:
-        pytest.skip("vLLM's flash-attn kernels are not installed")
-    q, k, v, cu = packed_inputs([1, 7, 64, 129], 8, 2, 128, torch.bfloat16, "cuda")
-    attn = TrainableFlashAttention(8, 128, 2)
-    if kernel == "paged":
-        trainable_attention.use_generator_attention_kernel(attn)
+    if kernel == "reference":
+        q, k, v, cu = packed_inputs([3, 9, 4], 4, 2, 16, torch.float32, seed=2)
+        attn = TrainableFlashAttention(4, 16, 2, sliding_window=5)
+    else:
+        if trainable_attention._vllm_flash_varlen() is None:
+            pytest.skip("vLLM's flash-attn kernels are not installed")
+        q, k, v, cu = packed_inputs([1, 7, 64, 129], 8, 2, 128, torch.bfloat16, "cuda")
+        attn = TrainableFlashAttention(8, 128, 2, sliding_window=33)
+        if kernel == "paged":
+            trainable_attention.use_generator_attention_kernel(attn)
     eager_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
     op_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
     eager = attn(*eager_inputs, cu_seqlens=cu)
     op = torch.ops.vllm.trainable_attention(
-        *op_inputs, cu, -1, attn.softmax_scale, True, -1, kernel, 16, 2
+        *op_inputs, cu, -1, attn.softmax_scale, True, attn._window_left(), kernel, 16, 2
     )
     assert torch.equal(op, eager)
     grad_out = torch.randn_like(eager)
