@@ -2,7 +2,8 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """Weights pushed from a trainer into a running engine: an update names
 only what changes, full tensors are cut to each TP rank, and a bad update
-changes nothing."""
+changes nothing. (The loader on a module alone:
+tests/models/test_load_weights_by_name.py.)"""
 
 import copy
 import functools
@@ -19,8 +20,7 @@ from tests.conftest import (
     with_update,
 )
 from tests.conftest import push_weights as push
-from tests.models.tiny_decoder import ShardedLinear, TinyConfig, TinyDecoder
-from vllm.model_executor.models.callable_model import load_weights_by_name
+from tests.models.tiny_decoder import ShardedLinear, TinyDecoder
 
 # What one optimiser step of a trainer that fine-tunes the second block and
 # the LM head would send.
@@ -40,67 +40,6 @@ def trained(model: TinyDecoder, seed: int = 1) -> dict[str, torch.Tensor]:
         name: state[name] + 0.05 * torch.randn(state[name].shape, generator=generator)
         for name in UPDATED
     }
-
-
-# ------------------------------------------------------- the module alone
-
-
-def loaded_model(seed=0) -> TinyDecoder:
-    torch.manual_seed(seed)
-    model = TinyDecoder(TinyConfig())
-    load_weights_by_name(model, TinyDecoder(TinyConfig()).state_dict().items())
-    return model
-
-
-def test_update_changes_only_what_it_names():
-    model = loaded_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    update = trained(model)
-    loaded = load_weights_by_name(model, update.items())  # an update now
-    assert loaded == set(UPDATED)
-    for name, value in model.state_dict().items():
-        expected = update[name] if name in update else before[name]
-        torch.testing.assert_close(value, expected, atol=0, rtol=0)
-
-
-def test_bad_update_changes_nothing_and_names_every_problem():
-    model = loaded_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    update = trained(model)  # valid tensors ...
-    update["layers.0.attn.q_bias"] = torch.zeros(3)  # ... and three bad ones
-    update["layers.0.mlp.up_proj.weight"] = torch.zeros(5, 5)
-    update["norm.weight"] = torch.ones(128, dtype=torch.int64)
-    with pytest.raises(ValueError) as excinfo:
-        load_weights_by_name(model, update.items())
-    message = str(excinfo.value)
-    assert "weight update (nothing was changed)" in message
-    assert (
-        "in the checkpoint but not in the model:\n    layers.0.attn.q_bias"
-    ) in message
-    assert (
-        "layers.0.mlp.up_proj.weight: checkpoint (5, 5), model shard (256, 128)"
-    ) in message
-    assert ("norm.weight: dtype torch.int64 for a torch.float32 parameter") in message
-    assert "missing" not in message  # an update need not name everything
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, before[name], atol=0, rtol=0)
-
-
-def test_checkpoint_must_name_every_parameter():
-    model = TinyDecoder(TinyConfig())
-    state = dict(model.state_dict())
-    del state["norm.weight"]
-    with pytest.raises(
-        ValueError, match="missing from the checkpoint:\n    norm.weight"
-    ):
-        load_weights_by_name(model, state.items())
-
-
-def test_update_casts_floating_dtypes():
-    model = loaded_model()
-    update = {name: value.double() for name, value in trained(model).items()}
-    load_weights_by_name(model, update.items())
-    torch.testing.assert_close(model.lm_head.weight, update["lm_head.weight"].float())
 
 
 # --------------------------------------------- running engines, TP=1 and 2
