@@ -102,7 +102,10 @@ def test_megatron_trainer_compiles_as_one_graph(tmp_path):
 
         eager = outputs_and_grads(model)
         torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        # one graph is the point; Inductor's code generation is not
+        compiled = torch.compile(
+            model, backend="aot_eager", fullgraph=True, dynamic=True
+        )
         for got, want in zip(outputs_and_grads(compiled), eager):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
