@@ -414,7 +414,7 @@ def training_attention(
     gradients through autograd)."""
     TrainableFlashAttention._check_cu_seqlens(q, cu_seqlens)
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = _max_seqlen(cu_seqlens)
     if kernel == "paged":
         return PagedFlashAttentionVarlen.apply(
             q,
@@ -498,7 +498,7 @@ def _attention_backward_op(
     flash_attn_version: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if max_seqlen < 0:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = _max_seqlen(cu_seqlens)
     if kernel == "reference":
         # the autograd key is off inside an op; functorch's vjp still works
         sliding_window = None if window_left < 0 else window_left + 1
@@ -524,12 +524,11 @@ def _attention_backward_op(
                 block_size,
                 flash_attn_version,
             )
-            causal, window_right = True, 0
+            causal = True
         else:
             out, lse = _flash_forward(
                 q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left
             )[:2]
-            window_right = 0 if causal else window_left
         empty = torch.empty(0, dtype=torch.int64, device=q.device)
         grads = _flash_backward(
             grad_out,
@@ -541,7 +540,7 @@ def _attention_backward_op(
             cu_seqlens,
             empty,
             empty,
-            (max_seqlen, scale, causal, window_left, window_right, 0.0),
+            (max_seqlen, scale, causal, window_left, 0.0),
         )
     return tuple(grad.contiguous() for grad in grads)  # type: ignore[return-value]
 
@@ -714,8 +713,10 @@ def _paged_flash_forward(
 
 
 def _flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, offset, args):
-    """The flash backward kernel from a forward's output and log-sum-exp."""
-    max_seqlen, scale, causal, window_left, window_right, dropout = args
+    """The flash backward kernel from a forward's output and log-sum-exp;
+    `args`: (max_seqlen, scale, causal, window_left, dropout)."""
+    max_seqlen, scale, causal, window_left, dropout = args
+    window_right = 0 if causal else window_left
     return torch.ops.aten._flash_attention_backward(
         grad_out.contiguous(),
         q,
@@ -748,8 +749,7 @@ class FlashAttentionVarlen(torch.autograd.Function):
             q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left, dropout
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
-        window_right = 0 if causal else window_left
-        ctx.args = (max_seqlen, scale, causal, window_left, window_right, dropout)
+        ctx.args = (max_seqlen, scale, causal, window_left, dropout)
         return out
 
     @staticmethod
@@ -793,7 +793,7 @@ class PagedFlashAttentionVarlen(FlashAttentionVarlen):
         seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
         # what FlashAttentionVarlen.backward reads: causal, no dropout
-        ctx.args = (max_seqlen, scale, True, window_left, 0, 0.0)
+        ctx.args = (max_seqlen, scale, True, window_left, 0.0)
         return out
 
 
@@ -826,6 +826,10 @@ def paged_kv(
     pages = pages.view(num_blocks, block_size, k.shape[1], 2 * head_dim)
     key_cache, value_cache = pages.split(head_dim, dim=-1)
     return key_cache, value_cache, block_table
+
+
+def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 def _or_none(window: int) -> int | None:
