@@ -2,16 +2,18 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 """What exactness costs: output tokens/s of the TorchTitan Qwen3 (a generic
 model) in vLLM's default configuration (Inductor, CUDA graphs) and in the
-exact configuration (`exact_engine_args`: batch-invariant kernels, CUDA
-graphs without Inductor), side by side in one process.
+exact configuration (`exact_engine_args`: batch-invariant kernels,
+Inductor with the options the trainer compiles with), side by side in one
+process.
 
     python benchmarks/benchmark_exact_logprobs.py --size 0.6b   # GPU
     python benchmarks/benchmark_exact_logprobs.py --size 8b     # GPU
 
-`--inductor` adds the exact configuration with Inductor on both sides
-(`exact_engine_args(inductor=True)`). `--breakdown` adds an engine that
-is not exact, CUDA graphs without Inductor and without batch-invariant
-mode, to split the exact configuration's cost between its two parts.
+`--graphs` adds the exact configuration without Inductor
+(`exact_engine_args(inductor=False)`: CUDA graphs for decode steps).
+`--breakdown` adds an engine that is not exact, CUDA graphs without
+Inductor and without batch-invariant mode, to split that configuration's
+cost between its two parts.
 
 All engines stay resident and are timed in interleaved rounds
 (interleaved_rounds.py) on the RL workload: sampling at temperature 1
@@ -37,9 +39,9 @@ from interleaved_rounds import (  # noqa: E402
 from model import ARCH  # noqa: E402
 
 DEFAULT = "default (Inductor + CUDA graphs)"
-EXACT = "exact (batch-invariant, CUDA graphs)"
+EXACT = "exact (batch-invariant, Inductor as the trainer)"
+EXACT_GRAPHS = "exact, no Inductor (batch-invariant, CUDA graphs)"
 NO_INDUCTOR = "CUDA graphs, no Inductor (not batch-invariant)"
-EXACT_INDUCTOR = "exact, Inductor (batch-invariant, same options as trainer)"
 
 
 def main():
@@ -48,12 +50,13 @@ def main():
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time the two parts of the exact configuration apart",
+        help="also time the two parts of the exact configuration without "
+        "Inductor apart",
     )
     parser.add_argument(
-        "--inductor",
+        "--graphs",
         action="store_true",
-        help="also time the exact configuration compiled by Inductor",
+        help="also time the exact configuration without Inductor",
     )
     args = parse_args(parser)
 
@@ -76,13 +79,12 @@ def main():
             args,
             compilation_config=EXACT_COMPILATION,
         )
-    exact = exact_engine_args()
-    exact.pop("enforce_eager", None)
-    llms[EXACT], startup[EXACT] = start_engine(EXACT, config, args, **exact)
-    if args.inductor:
-        compiled = exact_engine_args(inductor=True)
-        llms[EXACT_INDUCTOR], startup[EXACT_INDUCTOR] = start_engine(
-            EXACT_INDUCTOR, config, args, **compiled
+    llms[EXACT], startup[EXACT] = start_engine(
+        EXACT, config, args, **exact_engine_args()
+    )
+    if args.graphs or args.breakdown:
+        llms[EXACT_GRAPHS], startup[EXACT_GRAPHS] = start_engine(
+            EXACT_GRAPHS, config, args, **exact_engine_args(inductor=False)
         )
 
     prompts = token_prompts(args.num_prompts, args.input_len)

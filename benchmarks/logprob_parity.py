@@ -26,14 +26,13 @@ flash-attention version):
 
 `--exact` runs the exact configuration (vllm.model_executor.layers.
 exact_logprobs): the engine from `exact_engine_args` (batch-invariant,
-CUDA graphs without Inductor), the trainer prepared by `prepare_trainer`
-and its logits computed inside `row_invariant_matmuls()`:
+Inductor with the exact options), the trainer prepared by
+`prepare_trainer` (compiled with the same options) and its logits
+computed inside `row_invariant_matmuls()`; the trainer's recompute runs
+with gradients on, as a training step runs it. `--exact graphs`: neither
+side compiled (CUDA graphs for decode steps only):
 
     python benchmarks/logprob_parity.py --size 0.6b --dtype bfloat16 --exact  # GPU
-
-`--exact --inductor`: both sides compiled by Inductor with the same
-options (`exact_engine_args(inductor=True)`); the trainer's recompute then
-runs with gradients on, as a training step runs it.
 
 `--trace` also runs one sequence through both with a forward hook on every
 submodule and prints the first module whose output
@@ -288,14 +287,12 @@ def main():
     )
     parser.add_argument(
         "--exact",
-        action="store_true",
+        nargs="?",
+        const="inductor",
+        choices=("inductor", "graphs"),
         help="the exact configuration (exact_engine_args, prepare_trainer, "
-        "row_invariant_matmuls)",
-    )
-    parser.add_argument(
-        "--inductor",
-        action="store_true",
-        help="with --exact: Inductor on both sides, the same options",
+        "row_invariant_matmuls), Inductor on both sides; `--exact graphs`: "
+        "neither side compiled",
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     args = parser.parse_args()
@@ -303,6 +300,10 @@ def main():
         parser.error(
             "--trace-hidden needs --enforce-eager: forward hooks do "
             "not run inside vLLM's compiled graph"
+        )
+    if args.exact == "inductor" and args.enforce_eager:
+        parser.error(
+            "--exact compiles both sides: with --enforce-eager, pass --exact graphs"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = args.gpu_memory_utilization or (0.3 if device == "cuda" else 0.1)
@@ -316,10 +317,9 @@ def main():
         else {}
     )
     engine_args = {"enforce_eager": args.enforce_eager, **extra}
+    compiled = args.exact == "inductor"  # both sides by Inductor
     if args.exact:  # sets VLLM_BATCH_INVARIANT=1 before the trainer's ops
-        engine_args = exact_logprobs.exact_engine_args(
-            inductor=args.inductor, **engine_args
-        )
+        engine_args = exact_logprobs.exact_engine_args(inductor=compiled, **engine_args)
     batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
 
     if batch_invariant:  # the trainer's ops under the same settings
@@ -414,7 +414,7 @@ def main():
         if args.exact
         else (vllm_token_logprobs if args.vllm_logprobs else torch_token_logprobs),
         exact_logprobs.row_invariant_matmuls if args.exact else contextlib.nullcontext,
-        grad=args.inductor,
+        grad=compiled,
     )
     trainer_outputs = (
         {name: rows[0] for name, rows in take_hooks(trainer).items()}
@@ -432,10 +432,10 @@ def main():
                 if args.enforce_eager
                 else (
                     "CUDA graphs, no Inductor"
-                    if args.exact and not args.inductor
+                    if args.exact and not compiled
                     else "compiled"
                 ),
-                "trainer compiled alike, gradients on" if args.inductor else None,
+                "trainer compiled alike, gradients on" if compiled else None,
                 f"FA{args.flash_attn_version}" if args.flash_attn_version else None,
                 f"trainer attention: vLLM's FA{kernel[1]} over {kernel[0]}-token pages"
                 if kernel

@@ -25,17 +25,17 @@ Each step prints the reward, the time the weight push took, the largest
 difference between vLLM's and the trainer's log-probabilities of the
 sampled tokens, how many of them differ at all, and vLLM's sampling
 throughput. `--exact` (CUDA) runs both sides in the exact configuration
-(vllm.model_executor.layers.exact_logprobs), where none differ:
+(vllm.model_executor.layers.exact_logprobs), where none differ: the
+engine's model and the trainer's compiled by Inductor with the same
+options, as fast as vLLM's default configuration at real sizes (see the
+docs' "Exact log-probabilities"); `--exact graphs` compiles neither (CUDA
+graphs for decode steps only):
 
     python examples/offline_inference/rl_one_definition.py --device cuda \
         --dtype bfloat16 --exact
 
-`--exact inductor` compiles both the engine's model and the trainer's with
-Inductor, with the same options: as fast as vLLM's default configuration
-at real sizes (see the docs' "Exact log-probabilities"). On an H200 this
-policy differed in 3 of 27,648 log-probabilities that way while the
-trainer's compiled graph broke at attention and its final norm ran
-eagerly; attention is one op under torch.compile since (not re-run).
+On an H200 (bf16, 54 steps): 0 of 27,648 log-probabilities differ either
+way, 3.5 steps/s with Inductor.
 """
 
 import argparse
@@ -414,11 +414,11 @@ def main():
     parser.add_argument(
         "--exact",
         nargs="?",
-        const="graphs",
-        choices=("graphs", "inductor"),
+        const="inductor",
+        choices=("inductor", "graphs"),
         help="CUDA: bitwise-equal log-probabilities in vLLM and the trainer "
-        "(exact_engine_args, prepare_trainer); `--exact inductor` compiles "
-        "both sides with Inductor (faster at large sizes)",
+        "(exact_engine_args, prepare_trainer), both sides compiled by "
+        "Inductor; `--exact graphs`: neither compiled",
     )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

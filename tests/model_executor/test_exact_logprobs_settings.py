@@ -28,17 +28,18 @@ def environment(monkeypatch):
 
 
 def test_settings_of_the_exact_configuration(environment):
+    # by default Inductor on both sides, with the exact options
     args = exact_engine_args(device="cuda", max_model_len=128)
     assert args == {
         "max_model_len": 128,
-        "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
+        "compilation_config": {
+            "mode": 3,
+            "inductor_compile_config": exact_inductor_options(),
+        },
     }
     assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
-    eager = exact_engine_args(device="cuda", enforce_eager=True)
-    assert eager["compilation_config"] == {"mode": 0, "cudagraph_mode": "NONE"}
     compiled = exact_engine_args(
         device="cuda",
-        inductor=True,
         compilation_config={"inductor_compile_config": {"size_asserts": True}},
     )["compilation_config"]
     options = compiled.pop("inductor_compile_config")
@@ -47,13 +48,29 @@ def test_settings_of_the_exact_configuration(environment):
     assert options.pop("size_asserts") is True
     assert options == exact_inductor_options()
     assert {"emulate_precision_casts", "combo_kernels"} <= options.keys()
+    # no Inductor: asked for, or implied by eager mode or mode 0
+    graphs = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    assert exact_engine_args(device="cuda", inductor=False) == {
+        "compilation_config": graphs
+    }
+    assert exact_engine_args(device="cuda", compilation_config={"mode": 0}) == {
+        "compilation_config": graphs
+    }
+    eager = exact_engine_args(device="cuda", enforce_eager=True)
+    assert eager["compilation_config"] == {"mode": 0, "cudagraph_mode": "NONE"}
 
 
 @pytest.mark.parametrize(
     "engine_args, message",
     [
-        ({"compilation_config": {"mode": 3}}, "Inductor's generated kernels"),
-        ({"compilation_config": {"backend": "inductor"}}, "pass inductor=True"),
+        (
+            {"inductor": False, "compilation_config": {"mode": 3}},
+            "Inductor's generated kernels",
+        ),
+        (
+            {"inductor": False, "compilation_config": {"backend": "inductor"}},
+            "pass inductor=True",
+        ),
         ({"attention_config": {"backend": "TRITON_ATTN"}}, "backend TRITON_ATTN"),
         ({"inductor": True, "enforce_eager": True}, "drop enforce_eager"),
         (

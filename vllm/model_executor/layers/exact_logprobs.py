@@ -20,13 +20,13 @@ whose result for a row does not depend on the other rows of the batch:
   of the engine's dtype (`token_logprobs`): a Triton reduction compiled
   for bf16 inputs sums in another order than the same kernel compiled for
   fp32, which is enough to flip the last bit of 2% of log-probabilities;
-- the model's own ops either eager on both sides (no Inductor in the
-  engine; CUDA graphs for decode steps replay the same kernels), or
-  compiled by Inductor on both sides with the same options
-  (`exact_engine_args(inductor=True)`): every op's result rounded to its
-  dtype as eager rounds it, reduction configs that do not depend on the
-  row count. Inductor in the engine alone changes every log-probability
-  (0% equal, measured): it fuses and reorders what eager ops compute.
+- the model's own ops compiled by Inductor on both sides with the same
+  options (the default): every op's result rounded to its dtype as eager
+  rounds it, reduction configs that do not depend on the row count; or
+  eager on both sides (`exact_engine_args(inductor=False)`: no Inductor
+  in the engine, CUDA graphs for decode steps replay the same kernels).
+  Inductor in the engine alone changes every log-probability (0% equal,
+  measured): it fuses and reorders what eager ops compute.
 
 `exact_engine_args` gives the engine's side, `prepare_trainer` the
 trainer's; `CallableModelWrapper` runs a generic model's `compute_logits`
@@ -77,16 +77,22 @@ def exact_inductor_options() -> dict[str, bool]:
 
 
 def exact_engine_args(
-    device: str | None = None, inductor: bool = False, **engine_args: Any
+    device: str | None = None, inductor: bool | None = None, **engine_args: Any
 ) -> dict:
     """`engine_args` for `vllm.LLM` (or `AsyncEngineArgs`) with the exact
     configuration's settings added, after checking that none of them is
     contradicted. Turns on batch-invariant mode in this process's
     environment (`VLLM_BATCH_INVARIANT=1`), which the engine's processes
     inherit, so call it before starting the engine. `device` defaults to
-    this machine's ("cuda" when available). `inductor=True` compiles the
-    engine's model with Inductor (`EXACT_INDUCTOR`), and `prepare_trainer`
-    then compiles the trainer's module with the same options."""
+    this machine's ("cuda" when available).
+
+    `inductor=True` compiles the engine's model with Inductor
+    (`EXACT_INDUCTOR`), and `prepare_trainer` then compiles the trainer's
+    module with the same options: vLLM's speed. `inductor=False` runs the
+    model's ops eagerly on both sides (no trainer compilation; a model
+    that Dynamo cannot trace whole). `None`, the default, is True unless
+    `enforce_eager` or a `compilation_config` with mode 0 asks for no
+    compilation."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cuda":
         raise ExactLogprobsError(
@@ -104,6 +110,10 @@ def exact_engine_args(
             "FLASH_ATTN's kernel (use_generator_attention_kernel); leave the "
             "backend unset or pass FLASH_ATTN."
         )
+    if inductor is None:
+        inductor = not engine_args.get("enforce_eager") and compilation.get(
+            "mode"
+        ) not in (0, "NONE")
     if inductor:
         if engine_args.get("enforce_eager"):
             raise ExactLogprobsError(
@@ -140,7 +150,7 @@ def prepare_trainer(model: torch.nn.Module, llm) -> int:
     ops, and the engine's attention kernel (its KV-cache block size and
     flash-attention version) for every `TrainableFlashAttention` in
     `model`, and, when the engine compiles its model with Inductor
-    (`exact_engine_args(inductor=True)`), `model.compile` with the same
+    (the default of `exact_engine_args`), `model.compile` with the same
     Inductor options. Returns how many attention modules were switched.
     The trainer then computes logits inside `row_invariant_matmuls()` and
     the sampled tokens' log-probabilities with `token_logprobs`."""
