@@ -432,14 +432,28 @@ def tiny_engine_tp2(tiny_checkpoint):
 def engine_output(capfd, caplog):
     """What a user sees of an engine start: its spawned processes' output,
     the records of vLLM's loggers in this process (they reach pytest's log
-    capture here) and, given `pytest.raises`' result, the error."""
+    capture here) and, given `pytest.raises`' result, the error.
+
+    An engine start that fails in this process (an in-process worker) has
+    already set up vLLM's distributed state, default process group
+    included, and nothing stops it: released after the test, or the next
+    test that starts a process group of its own in this process (a
+    trainer's) fails with "trying to initialize the default process group
+    twice"."""
+    import torch.distributed as dist
+
+    had_process_group = dist.is_initialized()
 
     def read(failure=None) -> str:
         captured = capfd.readouterr()
         error = str(failure.value) if failure is not None else ""
         return "\n".join([captured.out, captured.err, caplog.text, error])
 
-    return read
+    yield read
+    if dist.is_initialized() and not had_process_group:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
 
 
 def cuda_available() -> bool:
