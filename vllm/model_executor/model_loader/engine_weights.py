@@ -12,7 +12,8 @@ parameter memory open, a push needs no message per tensor:
 - `alias(module)` goes further: the trainer's parameters become views of
   the engine's memory, so the optimiser's in-place updates are the push.
   `push()` is then a stream synchronisation and the prefix-cache reset
-  (none with `enable_prefix_caching=False`), whatever the model's size.
+  (sent without waiting for the reply; none with
+  `enable_prefix_caching=False`), whatever the model's size.
 
     weights = EngineWeights(llm)   # once, after LLM(...)
     weights.alias(policy)          # optional: zero-copy from now on
@@ -36,6 +37,7 @@ shape or device are not aliased: `push` copies those. Elsewhere use
 
 import pickle
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -58,7 +60,9 @@ class EngineWeights:
         self.llm = llm
         # without prefix caching no KV outlives its request: nothing to reset
         cache_config = llm.llm_engine.vllm_config.cache_config
-        self.reset_prefix_cache = cache_config.enable_prefix_caching
+        self.prefix_caching = cache_config.enable_prefix_caching
+        # the reply to the last reset sent without waiting for it
+        self._reset_reply: Future | None = None
         self.tensors: dict[str, torch.Tensor] = {
             name: rebuild(*arguments) for name, (rebuild, arguments) in exported
         }
@@ -122,9 +126,23 @@ class EngineWeights:
             copied = len(targets)
         # the engine reads from its own streams: every write done first
         torch.cuda.synchronize()
-        if self.reset_prefix_cache:  # a call to the engine core
-            self.llm.reset_prefix_cache()
+        if self.prefix_caching:
+            self._reset_prefix_cache()
         return copied
+
+    def _reset_prefix_cache(self) -> None:
+        """Reset the engine's prefix cache before its next step. An engine
+        core in its own process runs the call before any request sent
+        after it, so the round trip (most of an aliased push) is not
+        waited for; its reply is read at the next push, raising the
+        engine's error if it failed."""
+        if self._reset_reply is not None:
+            self._reset_reply.result()
+        client = self.llm.llm_engine.engine_core
+        if hasattr(client, "call_utility_nowait"):
+            self._reset_reply = client.call_utility_nowait("reset_prefix_cache")
+        else:  # an engine core in this process: a direct call
+            self.llm.reset_prefix_cache()
 
     def _plan_for(
         self,
