@@ -3,7 +3,7 @@
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
 # vLLM's own tests of what the patch set edits (the model registry, envs,
 # the version, the multiprocessing executor, the block pool's prefix
-# cache), from the CPU base release's sources, run against .venv twice:
+# cache, the engine core client), from the CPU base release's sources, run against .venv twice:
 # with the patch set reverted and applied. Prints both summaries and the
 # tests whose result differs (none expected).
 #
@@ -26,7 +26,8 @@ PY
 fi
 selection=(tests/test_envs.py tests/test_version.py
   tests/v1/executor/test_multiproc_executor.py tests/models/test_registry.py
-  tests/v1/core/test_prefix_caching.py tests/v1/core/test_reset_prefix_cache_e2e.py)
+  tests/v1/core/test_prefix_caching.py tests/v1/core/test_reset_prefix_cache_e2e.py
+  tests/v1/engine/test_engine_core_client.py)
 run() {  # their conftest needs packages vLLM's CPU install lacks: without it
   (cd "$work/vllm-$release" && HF_HUB_OFFLINE=1 VLLM_LOGGING_LEVEL=ERROR \
     "$OLDPWD/.venv/bin/python" -m pytest -q -p no:cacheprovider --noconftest \
