@@ -37,7 +37,7 @@ for step in "$@"; do
         timeout 420 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_exact_logprobs.py -k "cuda and $model" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -75
       done > "$OUT/exact.log" ;;
     # issue 21: pushes through a GPU buffer opened by CUDA IPC
-    pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_weight_updates.py -k cuda 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;
+    pushes) timeout 300 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_weight_updates.py tests/model_executor/test_engine_weights.py tests/v1/engine/test_utility_call_without_waiting.py -k "cuda or without_waiting" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -80 > "$OUT/pushes.log" ;;
     # issue 25: generic MoE blocks on vLLM's fused MoE layer (a device kit
     # built with --keep-moe: the default kit prunes vLLM's _moe_C)
     moe) timeout 300 python3 -m pytest -q -s -p no:cacheprovider -p no:logging tests/models/test_generic_moe.py -k "engine_matches or update or cuda" 2>&1 | grep -v "^(EngineCore\|^(Worker\|^(MainProcess\|^INFO\|^WARNING\|^DEBUG" | tail -40 > "$OUT/moe.log" ;;
