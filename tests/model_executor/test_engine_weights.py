@@ -7,12 +7,11 @@ alternative. (Copy, alias and fp32 masters on a generic model:
 tests/models/test_weight_updates.py.)"""
 
 import json
-import os
 
 import pytest
 import torch
 
-from vllm import LLM
+from vllm import LLM, envs
 from vllm.model_executor.model_loader.engine_weights import EngineWeights
 
 TINY_LLAMA = {
@@ -35,9 +34,10 @@ TINY_LLAMA = {
 def llm(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny_llama")
     (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model in-process
-    try:
+    # an engine core that ran in this process cached vLLM's variables
+    envs.disable_envs_cache()
+    with pytest.MonkeyPatch.context() as env:  # for this start only
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model in-process
         engine = LLM(
             model=str(model_dir),
             load_format="dummy",
@@ -46,11 +46,6 @@ def llm(tmp_path_factory):
             max_model_len=128,
             kv_cache_memory_bytes=32 << 20,
         )
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

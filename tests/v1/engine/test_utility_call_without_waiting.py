@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vllm import LLM, SamplingParams
+from vllm import LLM, SamplingParams, envs
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -27,28 +27,25 @@ TINY_LLAMA = {
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+def llm(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny_llama")
     (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
-    engine = LLM(
-        model=str(model_dir),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        enable_prefix_caching=True,
-        block_size=32,  # the CPU attention backend takes multiples of 32
-        max_model_len=128,
-        kv_cache_memory_bytes=32 << 20,
-    )
+    # an engine core that ran in this process cached vLLM's variables
+    envs.disable_envs_cache()
+    with pytest.MonkeyPatch.context() as env:  # for this start only
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        engine = LLM(
+            model=str(model_dir),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            block_size=32,  # the CPU attention backend takes multiples of 32
+            max_model_len=128,
+            kv_cache_memory_bytes=32 << 20,
+        )
     yield engine
     engine.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 def test_reset_without_waiting_lands_before_the_next_request(llm):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from vllm import LLM
+from vllm import LLM, envs
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -42,15 +42,14 @@ def rank_of(worker):
 def llm(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("tiny_llama")
     (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
-    environment = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": "|".join(
-            str(rank % (os.cpu_count() or 1)) for rank in range(2)
-        ),
-    }
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
+    # an engine core that ran in this process cached vLLM's variables
+    envs.disable_envs_cache()
+    with pytest.MonkeyPatch.context() as env:  # for this start only
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.setenv(
+            "VLLM_CPU_OMP_THREADS_BIND",
+            "|".join(str(rank % (os.cpu_count() or 1)) for rank in range(2)),
+        )
         engine = LLM(
             model=str(model_dir),
             load_format="dummy",
@@ -61,12 +60,6 @@ def llm(tmp_path_factory):
             max_model_len=128,
             kv_cache_memory_bytes=32 << 20,
         )
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
