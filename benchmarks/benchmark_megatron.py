@@ -21,8 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-# vLLM's start-up lines stay off unless VLLM_LOGGING_LEVEL asks for them.
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # importing Megatron-core initialises CUDA here: the engine cannot fork
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 

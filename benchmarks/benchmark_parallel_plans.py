@@ -25,9 +25,6 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-# vLLM's start-up lines stay off unless VLLM_LOGGING_LEVEL asks for them.
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples/offline_inference/parallel_plans"))
 

@@ -26,10 +26,10 @@ torch.compile (`supports_torch_compile = False`); `--ours-unfused` runs it
 with its q/k/v and gate/up projections as separate GEMMs
 (`fuse_projections = False`, see fused_projections.py).
 `--ours-moe-loop` runs a MoE size's experts as the module's own Python
-loop (`fuse_moe = False`) beside the fused ones. `--ours undeclared`
-registers it as a plain lambda with no attributes instead (what a factory
-gets by default: compiled where Dynamo can trace it), `--ours both` runs
-both registrations.
+loop (`fuse_moe = False`, uncompiled and without CUDA graphs) beside the
+fused ones. `--ours undeclared` registers it as a plain lambda with no
+attributes instead (what a factory gets by default: compiled where Dynamo
+can trace it), `--ours both` runs both registrations.
 """
 
 import argparse
@@ -219,6 +219,7 @@ def main():
     from vllm import ModelRegistry, SamplingParams
 
     compile_ours = not args.ours_no_compile
+    eager_engines: set[str] = set()
     native = native_arch(SIZES[args.size])
     # name: (architecture, factory to register)
     engines = {f"native {native}": (native, None)}
@@ -244,6 +245,9 @@ def main():
             ARCH + "MoELoop",
             variant(supports_torch_compile=False, fuse_moe=False),
         )
+        # the loop reads which experts were chosen (`.tolist()`), which a
+        # CUDA graph cannot capture
+        eager_engines.add("TorchTitan Qwen3, experts as a Python loop")
     if args.ours_unfused:
         engines["TorchTitan Qwen3, unfused"] = (
             ARCH + "Unfused",
@@ -270,6 +274,7 @@ def main():
             hf_config(arch, SIZES[args.size], args.dtype),
             args,
             profiler_config=profiler_config,
+            enforce_eager=args.enforce_eager or name in eager_engines,
         )
 
     rates = run_rounds(llms, prompts, params, args.rounds, args.warmup_rounds)

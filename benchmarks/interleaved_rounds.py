@@ -13,11 +13,16 @@ median: the interval says whether the run resolves a 5% difference.
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+# vLLM's start-up lines stay off unless VLLM_LOGGING_LEVEL asks for them
+# (imported before vLLM by every side-by-side benchmark).
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -50,22 +55,24 @@ def start_engine(name: str, config: dict, args: argparse.Namespace, **engine_arg
     """An engine for the run `args` (from `parse_args`) describes, on a
     model directory holding only `config` as config.json and dummy
     (random) weights, as for any speed run. Returns it and its start-up
-    time in seconds."""
+    time in seconds. `engine_args` add to or override the run's."""
     from vllm import LLM
 
     with tempfile.TemporaryDirectory() as model_dir:
         (Path(model_dir) / "config.json").write_text(json.dumps(config))
         start = time.perf_counter()
         llm = LLM(
-            model=model_dir,
-            load_format="dummy",
-            skip_tokenizer_init=True,
-            dtype=args.dtype,
-            seed=0,
-            max_model_len=args.input_len + args.output_len + 16,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enforce_eager=args.enforce_eager,
-            **engine_args,
+            **{
+                "model": model_dir,
+                "load_format": "dummy",
+                "skip_tokenizer_init": True,
+                "dtype": args.dtype,
+                "seed": 0,
+                "max_model_len": args.input_len + args.output_len + 16,
+                "gpu_memory_utilization": args.gpu_memory_utilization,
+                "enforce_eager": args.enforce_eager,
+                **engine_args,
+            }
         )
         seconds = time.perf_counter() - start
     print(f"{name}: started in {seconds:.1f} s", flush=True)

@@ -27,14 +27,17 @@ resizing), keep using them after the engine shut down (the memory is the
 engine's), or put the engine to sleep (`LLM.sleep` frees it).
 
 The engine must hold every weight whole in one CUDA worker
-(tensor_parallel_size and pipeline_parallel_size 1) and on the same
-machine as the trainer; its parameters must be those the model computes
-with. Parameters that vLLM repacked after loading (some fused-MoE
-backends) are not shared, and names whose engine tensor has another
-shape or device are not aliased: `push` copies those. Elsewhere use
-`SharedWeights` (shared_weights.py), which any layout and device takes.
+(tensor_parallel_size and pipeline_parallel_size 1), on the same machine
+as the trainer (in its own process, or in the trainer's with an engine
+core in-process); its parameters must be those the model computes with.
+Parameters that vLLM repacked after loading (some fused-MoE backends) are
+not shared, and names whose engine tensor has another shape or device are
+not aliased: `push` copies those. Elsewhere use `SharedWeights`
+(shared_weights.py), which any layout and device takes.
 """
 
+import functools
+import os
 import pickle
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
@@ -48,7 +51,9 @@ class EngineWeights:
     that live in the engine's GPU memory."""
 
     def __init__(self, llm) -> None:
-        replies = llm.apply_model(export_engine_parameters)
+        replies = llm.apply_model(
+            functools.partial(export_engine_parameters, caller_pid=os.getpid())
+        )
         if len(replies) != 1:
             raise ValueError(
                 f"EngineWeights needs the whole model in one worker; this "
@@ -56,16 +61,18 @@ class EngineWeights:
                 "parallel). Push through SharedWeights(..., device='cuda') "
                 "instead: each worker cuts its own shard."
             )
-        exported, self.not_shared = pickle.loads(replies[0])
+        if isinstance(replies[0], bytes):  # IPC handles, from another process
+            exported, self.not_shared = pickle.loads(replies[0])
+            tensors = {name: rebuild(*args) for name, (rebuild, args) in exported}
+        else:  # the worker runs in this process: its parameters themselves
+            tensors, self.not_shared = replies[0]
+        self.tensors: dict[str, torch.Tensor] = tensors
         self.llm = llm
         # without prefix caching no KV outlives its request: nothing to reset
         cache_config = llm.llm_engine.vllm_config.cache_config
         self.prefix_caching = cache_config.enable_prefix_caching
         # the reply to the last reset sent without waiting for it
         self._reset_reply: Future | None = None
-        self.tensors: dict[str, torch.Tensor] = {
-            name: rebuild(*arguments) for name, (rebuild, arguments) in exported
-        }
         self.aliased = 0  # trainer parameters made views of the engine's
         # the last module pushed, the names pushed, and its copy list
         self._plan: tuple[nn.Module, tuple | None, tuple[list, list]] | None = None
@@ -200,11 +207,15 @@ class EngineWeights:
         return (targets, sources), problems
 
 
-def export_engine_parameters(model: nn.Module) -> bytes:
+def export_engine_parameters(
+    model: nn.Module, caller_pid: int
+) -> bytes | tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Runs in the worker, through `apply_model`: a CUDA IPC handle for
     every parameter the model computes with, by the factory module's names,
     and the names it cannot share with why. Pickled here, so that the
-    engine's message encoders carry only bytes."""
+    engine's message encoders carry only bytes. A worker in the caller's
+    own process (an engine core in-process) returns the parameters
+    themselves: CUDA IPC cannot open a handle where it was exported."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     from vllm.model_executor.layers.generic_moe import fused_moe_blocks
@@ -216,7 +227,7 @@ def export_engine_parameters(model: nn.Module) -> bytes:
         if not getattr(fused, "in_place", True)
         for param_id in fused.member_ids
     }
-    exported, not_shared = [], {}
+    exported, not_shared, own = [], {}, {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if not param.is_cuda:
             raise ValueError(
@@ -227,6 +238,9 @@ def export_engine_parameters(model: nn.Module) -> bytes:
         if id(param) in repacked:
             not_shared[name] = "vLLM's MoE backend computes with a repacked copy"
             continue
+        if os.getpid() == caller_pid:
+            own[name] = param.detach()
+            continue
         try:
             exported.append((name, reduce_tensor(param.detach())))
         except RuntimeError as error:  # memory CUDA IPC cannot export
@@ -234,4 +248,6 @@ def export_engine_parameters(model: nn.Module) -> bytes:
                 f"The engine's parameter {name} cannot be shared by CUDA IPC "
                 f"({error}). Push through SharedWeights instead."
             ) from error
+    if os.getpid() == caller_pid:
+        return own, not_shared
     return pickle.dumps((exported, not_shared))
