@@ -61,19 +61,17 @@ def start_engine(name: str, config: dict, args: argparse.Namespace, **engine_arg
     with tempfile.TemporaryDirectory() as model_dir:
         (Path(model_dir) / "config.json").write_text(json.dumps(config))
         start = time.perf_counter()
-        llm = LLM(
-            **{
-                "model": model_dir,
-                "load_format": "dummy",
-                "skip_tokenizer_init": True,
-                "dtype": args.dtype,
-                "seed": 0,
-                "max_model_len": args.input_len + args.output_len + 16,
-                "gpu_memory_utilization": args.gpu_memory_utilization,
-                "enforce_eager": args.enforce_eager,
-                **engine_args,
-            }
+        run_args = dict(
+            model=model_dir,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            dtype=args.dtype,
+            seed=0,
+            max_model_len=args.input_len + args.output_len + 16,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
         )
+        llm = LLM(**(run_args | engine_args))
         seconds = time.perf_counter() - start
     print(f"{name}: started in {seconds:.1f} s", flush=True)
     return llm, seconds
