@@ -227,7 +227,8 @@ def export_engine_parameters(
         if not getattr(fused, "in_place", True)
         for param_id in fused.member_ids
     }
-    exported, not_shared, own = [], {}, {}
+    shared: dict[str, torch.Tensor] = {}
+    not_shared: dict[str, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if not param.is_cuda:
             raise ValueError(
@@ -237,17 +238,17 @@ def export_engine_parameters(
             )
         if id(param) in repacked:
             not_shared[name] = "vLLM's MoE backend computes with a repacked copy"
-            continue
-        if os.getpid() == caller_pid:
-            own[name] = param.detach()
-            continue
+        else:
+            shared[name] = param.detach()
+    if os.getpid() == caller_pid:
+        return shared, not_shared
+    exported = []
+    for name, tensor in shared.items():
         try:
-            exported.append((name, reduce_tensor(param.detach())))
+            exported.append((name, reduce_tensor(tensor)))
         except RuntimeError as error:  # memory CUDA IPC cannot export
             raise ValueError(
                 f"The engine's parameter {name} cannot be shared by CUDA IPC "
                 f"({error}). Push through SharedWeights instead."
             ) from error
-    if os.getpid() == caller_pid:
-        return own, not_shared
     return pickle.dumps((exported, not_shared))
