@@ -51,6 +51,12 @@ def compile_state(model):
     }
 
 
+def post_grad_pass(model):
+    """Runs in each worker: the Inductor post-grad pass vLLM compiles with."""
+    options = model.vllm_config.compilation_config.inductor_compile_config
+    return type(options.get("post_grad_custom_post_pass")).__name__
+
+
 def test_what_each_declaration_builds():
     def undeclared(vllm_config, parallel_context):
         pass
@@ -77,6 +83,12 @@ def test_undeclared_traceable_factory_is_compiled(tiny_engine):
     assert tiny_engine.apply_model(compile_state) == [
         {"compiled": True, "do_not_compile": False}
     ]
+
+
+def test_compiled_module_keeps_residual_adds_out_of_gemms(tiny_engine):
+    """The engine's Inductor runs SplitResidualAddmmPass after its own
+    patterns (what it does: tests/compilation/test_split_residual_addmm.py)."""
+    assert tiny_engine.apply_model(post_grad_pass) == ["SplitResidualAddmmPass"]
 
 
 def test_untraceable_module_falls_back_with_one_warning(

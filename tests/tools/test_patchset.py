@@ -45,7 +45,7 @@ def snapshot(tree: Path) -> dict[str, bytes]:
 def test_apply_twice_then_revert(release_tree):
     original = snapshot(release_tree)
     message = patchset.apply(release_tree)
-    assert message.startswith("applied 19 commits (15 new files, 6 upstream")
+    assert message.startswith("applied 20 commits (16 new files, 6 upstream")
     applied = snapshot(release_tree)
     assert "already applied" in patchset.apply(release_tree)
     assert snapshot(release_tree) == applied
@@ -122,9 +122,9 @@ def test_export_is_a_git_am_series(release_tree, tmp_path):
     cover, *patches = sorted(out.glob("*.patch"))
     assert cover.name == "0000-cover-letter.patch"
     letter = cover.read_text()
-    assert "Subject: [PATCH 00/19] Generic models" in letter
+    assert "Subject: [PATCH 00/20] Generic models" in letter
     assert "*** " not in letter  # the template's placeholders are filled
-    assert len(patches) == 19
+    assert len(patches) == 20
     assert "[Frontend] vllm consolidate" in patches[-2].read_text()
     assert "docs/training/generic_models.md" in patches[-1].read_text()
     # each commit carries its tests, where vLLM keeps such tests

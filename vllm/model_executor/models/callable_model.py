@@ -22,7 +22,8 @@ Its plain `torch.nn.Linear` layers run through vLLM's linear method (see
 `plain_linear.py`) unless the factory's attribute `use_vllm_linear_method`
 is false, and its projections that read one input run as one GEMM (see
 `fused_projections.py`) unless the factory's attribute `fuse_projections`
-is false.
+is false. When compiled, its residual adds stay out of its GEMMs (see
+`split_residual_addmm.py`).
 
 Without `load_weights`, checkpoint tensors are loaded by parameter name:
 parameters with a vLLM `weight_loader` (e.g. `ColumnParallelLinear`) shard
@@ -197,6 +198,7 @@ class CallableModelWrapper(nn.Module):
         self.pending_fusion: list[list[str]] | None = (
             declared if moe_blocks or declared or searchable else None
         )
+        _split_residual_addmms(vllm_config, self.model_arch)
         if _load_format(vllm_config) == "dummy":
             # No checkpoint load comes: the first load is an update.
             setattr(model, CHECKPOINT_LOADED, True)
@@ -705,6 +707,27 @@ def _check_model(model_arch: str, factory_name: str, model: object) -> None:
             f"{type(model).__name__}, returned by the model factory "
             f"{factory_name} for '{model_arch}', lacks the method(s) vLLM "
             f"calls: {'; '.join(missing)}. Add them to the module."
+        )
+
+
+def _split_residual_addmms(vllm_config: VllmConfig, model_arch: str) -> None:
+    """Make Inductor leave a module's residual adds out of its GEMMs (see
+    split_residual_addmm.py): set before this model's compile backend
+    copies the engine's Inductor options. A post-grad pass the user set
+    stays, alone."""
+    from vllm.compilation.passes.utility.split_residual_addmm import (
+        SplitResidualAddmmPass,
+    )
+
+    inductor_options = vllm_config.compilation_config.inductor_compile_config
+    users_pass = inductor_options.setdefault(
+        "post_grad_custom_post_pass", SplitResidualAddmmPass()
+    )
+    if not isinstance(users_pass, SplitResidualAddmmPass):
+        logger.info_once(
+            "%s: compilation_config sets a post_grad_custom_post_pass; "
+            "residual adds may be folded into GEMMs (addmm).",
+            model_arch,
         )
 
 
